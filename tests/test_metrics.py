@@ -8,6 +8,7 @@ import math
 import re
 import string
 import sys
+import warnings
 
 import pytest
 
@@ -141,7 +142,18 @@ def test_bad_inputs_are_refused():
 
 
 def test_tokenize_splits_punctuation_and_lowercases():
-    assert metrics.tokenize("The mat. Price: £20-25!") == ["the", "mat", ".", "price", ":", "£", "20", "-", "25", "!"]
+    assert metrics.tokenize("The mat. Price: £20-25!") == [
+        "the",
+        "mat",
+        ".",
+        "price",
+        ":",
+        "£",
+        "20",
+        "-",
+        "25",
+        "!",
+    ]
 
 
 def test_bleu_identical_is_100():
@@ -180,7 +192,9 @@ def test_bleu_variable_reference_counts():
 
 def test_rouge_l_by_hand():
     # LCS("police killed the gunman", "the gunman was killed by police") = "the gunman": P = 2/4, R = 2/6
-    assert metrics.rouge_l(["police killed the gunman"], [["the gunman was killed by police"]]) == pytest.approx(40.0)
+    assert metrics.rouge_l(
+        ["police killed the gunman"], [["the gunman was killed by police"]]
+    ) == pytest.approx(40.0)
     # best reference per example: LCS 3 of 4 tokens each way (F = 0.75); then a perfect match; mean 87.5
     score = metrics.rouge_l(
         ["police killed the gunman", "a perfect match"],
@@ -208,7 +222,9 @@ def test_nist_short_hypotheses_do_not_crash():
 
     # nltk divides by zero at orders no hypothesis reaches; those orders contribute nothing
     score = metrics.nist(["yes", "no way"], [["yes"], ["no way at all"]])
-    assert score == pytest.approx(corpus_nist([[["yes"]], [["no", "way", "at", "all"]]], [["yes"], ["no", "way"]], n=2))
+    assert score == pytest.approx(
+        corpus_nist([[["yes"]], [["no", "way", "at", "all"]]], [["yes"], ["no", "way"]], n=2)
+    )
     assert metrics.nist([""], [["anything"]]) == 0.0
 
 
@@ -242,10 +258,21 @@ def test_cider_d_by_hand():
 def test_cider_d_matches_pycocoevalcap_value():
     # Reference value from pycocoevalcap 1.2 Cider().compute_score on the same corpus joined from
     # metrics.tokenize's tokens (a random 300-corpus comparison agreed to 2e-16).
-    predictions = ["The Eagle is a cheap coffee shop near Burger King.", "Fitzbillies serves Italian food.", "Zizzi is a pub."]
+    predictions = [
+        "The Eagle is a cheap coffee shop near Burger King.",
+        "Fitzbillies serves Italian food.",
+        "Zizzi is a pub.",
+    ]
     references = [
-        ["The Eagle is a low-priced coffee shop near Burger King.", "Near Burger King, The Eagle coffee shop is cheap."],
-        ["Fitzbillies is an Italian restaurant.", "Italian food is served at Fitzbillies.", "Fitzbillies offers Italian food."],
+        [
+            "The Eagle is a low-priced coffee shop near Burger King.",
+            "Near Burger King, The Eagle coffee shop is cheap.",
+        ],
+        [
+            "Fitzbillies is an Italian restaurant.",
+            "Italian food is served at Fitzbillies.",
+            "Fitzbillies offers Italian food.",
+        ],
         ["Zizzi is a family-friendly pub."],
     ]
     assert metrics.cider(predictions, references) == pytest.approx(3.4850014480622917, rel=1e-12)
@@ -258,7 +285,10 @@ def test_cider_single_example_corpus_is_zero():
 
 def test_generation_scores_reports_each_metric(monkeypatch):
     monkeypatch.setattr(metrics, "_wordnet", lambda: None)
-    predictions, references = ["the cat sat on the mat", "a dog"], [["the cat sat on the mat"], ["a dog", "the dog"]]
+    predictions, references = (
+        ["the cat sat on the mat", "a dog"],
+        [["the cat sat on the mat"], ["a dog", "the dog"]],
+    )
     with pytest.warns(RuntimeWarning):
         scores = metrics.generation_scores(predictions, references)
     assert set(scores) == {"bleu", "rouge_l", "nist", "meteor", "cider", "n"}
@@ -273,5 +303,14 @@ def test_missing_package_names_pip_package_and_becomes_none(monkeypatch):
     monkeypatch.setitem(sys.modules, "sacrebleu", None)  # makes `import sacrebleu` fail
     with pytest.raises(metrics.MissingDependencyError, match="pip install sacrebleu"):
         metrics.bleu(["a"], [["a"]])
-    with pytest.warns(RuntimeWarning, match="pip install sacrebleu"):
+    with pytest.warns(RuntimeWarning) as caught:
         assert metrics.generation_scores(["a b"], [["a b"]])["bleu"] is None
+    assert any("pip install sacrebleu" in str(w.message) for w in caught)
+
+
+def test_meteor_in_this_environment_never_crashes():
+    # whether or not WordNet data is installed here: a percentage, or None with a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        score = metrics.meteor(["the cat sat"], [["the cat sat"]])
+    assert score is None or 0.0 <= score <= 100.0

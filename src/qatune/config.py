@@ -35,7 +35,8 @@ class ModelConfig:
     attn_bias: bool = True
     mlp_bias: bool = True
     tie_embeddings: bool = True
-    dropout: float = 0.0  # residual/embedding dropout (GPT-2's resid_pdrop / embd_pdrop)
+    dropout: float = 0.0  # residual dropout (GPT-2's resid_pdrop)
+    embed_dropout: float = 0.0  # GPT-2's embd_pdrop
     attn_dropout: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -105,6 +106,7 @@ def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
         mlp_bias=True,
         tie_embeddings=hf.get("tie_word_embeddings", True),
         dropout=hf.get("resid_pdrop", 0.1),
+        embed_dropout=hf.get("embd_pdrop", 0.1),
         attn_dropout=hf.get("attn_pdrop", 0.1),
         bos_token_id=hf.get("bos_token_id", 50256),
         eos_token_id=hf.get("eos_token_id", 50256),

@@ -232,7 +232,8 @@ def _read_json(path: str) -> Iterator[_Item]:
             else:
                 yield source, DataError(f"{source}: invalid record: expected an object, got {type(record).__name__}")
     else:
-        raise DataError(f"{path}: expected a JSON list of records or SQuAD {{'data': [...]}}, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise DataError(f"{path}: expected a JSON list of records or SQuAD {{'data': [...]}}, got {kind}")
 
 
 def _is_squad(data: dict[str, Any]) -> bool:
@@ -327,7 +328,7 @@ def _to_example(record: dict[str, Any], source: str, options: _Options, report: 
         question, context = match.group(1), None
     answer_key = fields.answer or _first_present(record, ANSWER_KEYS)
     if answer_key is None or answer_key not in record:
-        raise _missing(record, source, answer_key or "answer", ANSWER_KEYS)
+        raise _missing(record, source, answer_key or "answer", () if fields.answer else ANSWER_KEYS)
     answers = _texts(record[answer_key], options.aliases_sep)
     if not question.strip():
         raise DataError(f"{source}: empty question: field {question_key or 'context'!r}")
@@ -360,10 +361,9 @@ def _first_present(record: dict[str, Any], keys: tuple[str, ...]) -> str | None:
 
 
 def _missing(record: dict[str, Any], source: str, name: str, alternatives: tuple[str, ...]) -> DataError:
-    others = [k for k in alternatives if k != name]
-    accepted = f" (or {', '.join(repr(k) for k in others)})" if others else ""
     has = ", ".join(repr(k) for k in record) or "none"
-    return DataError(f"{source}: missing field {name!r}{accepted}; the record has fields: {has}")
+    accepted = f" (accepted names: {', '.join(repr(k) for k in alternatives)})" if alternatives else ""
+    return DataError(f"{source}: missing field {name!r}: the record has fields {has}{accepted}")
 
 
 def _text(record: dict[str, Any], key: str, source: str) -> str:

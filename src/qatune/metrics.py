@@ -251,7 +251,7 @@ def _ngram_counts(tokens: list[str], max_order: int) -> Counter[tuple[str, ...]]
 def _tfidf(
     tokens: list[str], max_order: int, doc_freq: Counter[tuple[str, ...]], log_n_docs: float
 ) -> _TfIdf:
-    """TF-IDF vector of a sentence; an n-gram absent from every reference set gets df = 1, as in coco-caption."""
+    """TF-IDF vector of a sentence; an n-gram in no reference set gets df = 1, as in coco-caption."""
     weights: list[dict[tuple[str, ...], float]] = [{} for _ in range(max_order)]
     for gram, count in _ngram_counts(tokens, max_order).items():
         weights[len(gram) - 1][gram] = count * (log_n_docs - math.log(max(1.0, doc_freq[gram])))
@@ -304,7 +304,7 @@ _GENERATION_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]]
 
 
 def generation_scores(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> dict[str, Any]:
-    """Every E2E metric that can run here; a metric whose package or data is missing is None (with a warning)."""
+    """Every E2E metric that can run here; one whose package or data is missing is None, with a warning."""
     _check_generation(predictions, references_list)
     scores: dict[str, Any] = {}
     for name, metric in _GENERATION_METRICS.items():

@@ -190,7 +190,7 @@ class Decoder(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_positions, cfg.d_model) if cfg.positions == "learned" else None
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.embed_dropout = nn.Dropout(cfg.embed_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -254,12 +254,14 @@ class Decoder(nn.Module):
         """
         return self.lm_head(self.hidden_states(input_ids, **kwargs))
 
-    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-        """Mean next-token cross-entropy over labelled positions, and how many there were.
+    def loss(self, batch: dict[str, Tensor], reduction: str = "mean", label_smoothing: float = 0.0
+             ) -> tuple[Tensor, int]:
+        """Next-token cross-entropy over labelled positions ("mean" or "sum"), and how many there were.
 
         Labels are aligned with input_ids (position t predicts labels[t+1]); -100 is ignored. The LM head runs
         only where a label exists: with answer-only loss most QA tokens are prompt, so this skips most of the
-        largest matmul and never materialises logits for the whole batch."""
+        largest matmul and never materialises logits for the whole batch. `attention_mask` is only needed for
+        left padding or packing: right padding cannot affect earlier tokens under a causal mask."""
         hidden = self.hidden_states(
             batch["input_ids"],
             position_ids=batch.get("position_ids"),
@@ -270,11 +272,10 @@ class Decoder(nn.Module):
         keep = targets != -100
         n = int(keep.sum())
         logits = self.lm_head(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss / max(n, 1), n
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum", label_smoothing=label_smoothing)
+        return (loss / max(n, 1) if reduction == "mean" else loss), n
 
 
 def num_params(model: nn.Module) -> int:
     """Parameters counted once even when tied (as Hugging Face and peft count them)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-

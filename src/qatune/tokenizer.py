@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import QatuneError
-from .loading import resolve_source
+from .loading import ResolvedSource, resolve_source
 
 
 def load_tokenizer(source: str | os.PathLike):
@@ -17,7 +17,8 @@ def load_tokenizer(source: str | os.PathLike):
     A pad token is always set (EOS when the tokenizer has none) so batches can be padded."""
     from transformers import AutoTokenizer
 
-    resolved = resolve_source(source)
+    # A tokenizer-only directory (no config.json) is fine here; anything else resolves like a model source.
+    resolved = ResolvedSource(Path(source)) if Path(source).is_dir() else resolve_source(source)
     try:
         if resolved.gguf_file:
             tok = AutoTokenizer.from_pretrained(str(resolved.path), gguf_file=resolved.gguf_file)

