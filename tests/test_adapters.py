@@ -12,28 +12,19 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from qatune import QatuneError, count_parameters, load_model
-from qatune.adapters import load_adapter, save_adapter, save_merged
+from qatune.adapters import load_adapter, merge_run, save_adapter, save_merged
 from qatune.lora import LoRAConfig, apply_lora, lora_layers
 
 TOL = 1e-4
-VOCAB = 300
-GPT2_TINY = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0)
-LLAMA_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+VOCAB = 320  # the conftest checkpoints' vocabulary
 GPT2_TOKENIZER = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers" / "gpt2"
 IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(scope="module")
-def adapter_base_dirs(tmp_path_factory) -> dict[str, Path]:
-    """Random tiny GPT-2 and Llama checkpoints saved by transformers."""
-    dirs = {}
-    for family, model_cls, cfg in (("gpt2", transformers.GPT2LMHeadModel, transformers.GPT2Config(**GPT2_TINY)),
-                                   ("llama", transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA_TINY))):
-        torch.manual_seed(0)
-        dirs[family] = tmp_path_factory.mktemp(family)
-        model_cls(cfg).save_pretrained(dirs[family])
-    return dirs
+@pytest.fixture()
+def adapter_base_dirs(tiny_gpt2_dir, tiny_llama_dir) -> dict[str, Path]:
+    """Random tiny GPT-2 and Llama checkpoints saved by transformers (tests/conftest.py)."""
+    return {"gpt2": tiny_gpt2_dir, "llama": tiny_llama_dir}
 
 
 def _hf(path: Path) -> torch.nn.Module:
@@ -86,20 +77,21 @@ def test_qatune_adapter_loads_in_peft(adapter_base_dirs, tmp_path, case):
 
 
 def test_gpt2_q_v_slices_export_as_fused_c_attn(adapter_base_dirs, tmp_path):
-    """No peft module is a slice of c_attn: q+v pairs of rank r become one c_attn pair of rank 2r, alpha 2*alpha,
-    with rank_pattern for it when other layers keep rank r."""
+    """No peft module is a slice of c_attn: q+v pairs of rank r become one c_attn pair of rank 2r (B block-placed,
+    zero on k's rows), alpha 2*alpha, in rank_pattern/alpha_pattern since the other layers keep rank r. `c_proj`
+    would also select attn.c_proj, so target_modules lists full paths."""
     model = load_model(adapter_base_dirs["gpt2"])
-    apply_lora(model, LoRAConfig(targets=["q", "v", "up"], r=4, alpha=8))
+    apply_lora(model, LoRAConfig(targets=["q", "v", "up", "down"], r=4, alpha=8))
     save_adapter(model, tmp_path, base_model_name_or_path="x")
     conf = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert conf["target_modules"] == ["c_attn", "c_fc"] and conf["fan_in_fan_out"] is True
-    assert (conf["r"], conf["lora_alpha"]) in ((4, 8), (8, 16))
-    patterned = {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"} if conf["r"] == 4 else \
-        {"transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"}
-    assert set(conf["rank_pattern"]) == set(conf["alpha_pattern"]) == patterned
+    assert (conf["r"], conf["lora_alpha"], conf["fan_in_fan_out"]) == (4, 8, True)
+    c_attn = [f"transformer.h.{i}.attn.c_attn" for i in (0, 1)]
+    assert conf["rank_pattern"] == dict.fromkeys(c_attn, 8) and conf["alpha_pattern"] == dict.fromkeys(c_attn, 16)
+    assert conf["target_modules"] == sorted(
+        f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"))
     weights = load_file(tmp_path / "adapter_model.safetensors")
     b = weights["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
-    assert b.shape == (96, 8) and b[32:64].abs().max() == 0 and b[:32, 4:].abs().max() == 0
+    assert b.shape == (192, 8) and b[64:128].abs().max() == 0 and b[:64, 4:].abs().max() == 0  # rows q | k | v
 
 
 def _peft_model(family: str, base_dir: Path, **lora_kw) -> peft.PeftModel:
@@ -186,7 +178,7 @@ def test_mismatched_and_unexpected_keys_are_named(adapter_base_dirs, tmp_path):
     adapter = _adapter_dir(tmp_path, gpt2)
     weights_file = adapter / "adapter_model.safetensors"
     weights = load_file(weights_file)
-    weights["base_model.model.lm_head.lora_A.weight"] = torch.zeros(8, 32)
+    weights["base_model.model.lm_head.lora_A.weight"] = torch.zeros(8, 64)
     save_file(weights, weights_file)
     with pytest.raises(QatuneError, match=r"adapter_model.safetensors: .*base_model.model.lm_head.lora_A.weight"):
         load_model(gpt2, adapter=adapter)
@@ -214,3 +206,18 @@ def test_save_adapter_replaces_files_of_an_existing_directory(adapter_base_dirs,
     assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "b"
     assert (tmp_path / "keep.txt").read_text() == "user file"
     assert sorted(p.name for p in tmp_path.parent.iterdir() if ".tmp-" in p.name) == []
+
+
+def test_merge_run_makes_a_standalone_checkpoint(tiny_gpt2_dir, gpt2_tokenizer_dir, tmp_path):
+    """`qatune merge RUN OUT` on a run laid out as train.py writes it (config.yaml + adapter/)."""
+    model = load_model(tiny_gpt2_dir)
+    apply_lora(model, LoRAConfig(targets=["q", "v"]))
+    _train(model)
+    run = tmp_path / "run"
+    save_adapter(model, run / "adapter", base_model_name_or_path=str(tiny_gpt2_dir))
+    (run / "config.yaml").write_text(f"model: {tiny_gpt2_dir}\ntokenizer: {gpt2_tokenizer_dir}\n")
+    assert merge_run(run, tmp_path / "merged") == tmp_path / "merged"
+    assert _max_diff(model, _hf(tmp_path / "merged")) <= TOL
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+    with pytest.raises(QatuneError, match="not a LoRA run directory"):
+        merge_run(tmp_path / "merged", tmp_path / "again")

@@ -7,6 +7,8 @@ checked directly against transformers' warpers and the sampler for reproducibili
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -110,6 +112,31 @@ def test_beam_search_finishes_hypotheses_at_eos(models):
     assert min(len(o) for o in ours) < 16
 
 
+# Cases where the pool rules decide the answer (checked by breaking each rule: the test then fails): only the
+# first num_beams candidates may finish; with early_stopping=True a full pool takes no more hypotheses while
+# other prompts of the batch go on; "never" judges live beams at the maximum length.
+POOL_CASES = [("gpt2", 2, 2, 1.0, True), ("gpt2", 7, 2, 3.0, "never"), ("llama", 4, 4, 0.5, False)]
+
+
+@pytest.mark.parametrize("family, eos_position, num_beams, length_penalty, early_stopping", POOL_CASES)
+def test_beam_search_pool_rules_match_transformers(
+    family, eos_position, num_beams, length_penalty, early_stopping, tiny_gpt2_dir, tiny_llama_dir
+):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_gpt2_dir if family == "gpt2" else tiny_llama_dir
+    model, hf = load_model(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 320, (6, 7), generator=generator)  # equal lengths: one unpadded HF batch
+    eos = emitted_token(model, prompts[0].tolist(), eos_position)
+    settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                    max_new_tokens=24)
+    ours = generate(model, prompts, GenerationConfig(eos_token_id=eos, **settings))
+    theirs = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, eos_token_id=eos,
+                         pad_token_id=0, **settings)[:, prompts.shape[1]:].tolist()
+    assert ours == [row[: row.index(eos)] if eos in row else row for row in theirs]
+
+
 def test_filters_match_transformers_warpers():
     from transformers.generation.logits_process import (
         LogitsProcessorList,
@@ -124,10 +151,12 @@ def test_filters_match_transformers_warpers():
     logits[1] = 0.0  # a uniform row: top-p must still keep at least one token
     for k in (1, 5, 12, 50, 80):
         for keep in (1, 3):
-            assert torch.equal(top_k_filter(logits, k, keep), TopKLogitsWarper(k, min_tokens_to_keep=keep)(None, logits))
+            expected = TopKLogitsWarper(k, min_tokens_to_keep=keep)(None, logits)
+            assert torch.equal(top_k_filter(logits, k, keep), expected)
     for p in (0.0, 0.1, 0.5, 0.9, 1.0):
         for keep in (1, 3):
-            assert torch.equal(top_p_filter(logits, p, keep), TopPLogitsWarper(p, min_tokens_to_keep=keep)(None, logits))
+            expected = TopPLogitsWarper(p, min_tokens_to_keep=keep)(None, logits)
+            assert torch.equal(top_p_filter(logits, p, keep), expected)
     cfg = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8)
     hf = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)])
     assert torch.equal(warp_logits(logits, cfg), hf(None, logits))
@@ -154,7 +183,7 @@ def test_sampling_is_reproducible_and_stays_in_top_k(models):
             logits = model(torch.tensor([prompt + out]))[0, len(prompt) - 1 : -1]
         top3 = logits.topk(3).indices
         assert all(token in row for token, row in zip(out, top3.tolist()))
-    other_seed = generate(model, PROMPTS[:2], GenerationConfig(**{**cfg.__dict__, "seed": 8}))
+    other_seed = generate(model, PROMPTS[:2], replace(cfg, seed=8))
     assert other_seed != first
 
 
@@ -189,7 +218,7 @@ def test_stop_strings_trim_the_output(tiny_gpt2_dir, gpt2_tokenizer_dir):
     assert len(tokenizer.decode(out)) <= cut < len(tokenizer.decode(full[: len(out) + 1]))
 
     assert generate_text(model, tokenizer, [prompt_text], cfg) == [tokenizer.decode(out)]
-    beam = generate(model, [prompt], GenerationConfig(**{**cfg.__dict__, "num_beams": 4}), tokenizer=tokenizer)
+    beam = generate(model, [prompt], replace(cfg, num_beams=4), tokenizer=tokenizer)
     assert stop not in tokenizer.decode(beam[0])
 
 

@@ -129,10 +129,20 @@ def test_trainable_marking_and_state_dict_by_bias_mode():
     assert "norm.bias" in trainable and "blocks.1.mlp.down.bias" in trainable and "embed.weight" not in trainable
 
 
+def test_lora_only_bias_on_part_of_a_biased_llama_qkv_is_refused():
+    """HF keeps q/k/v biases apart: training the fused bias for q/v alone would also train k's rows."""
+    model = Decoder(from_hf_config(transformers.LlamaConfig(**LLAMA_TINY, attention_bias=True).to_dict()))
+    with pytest.raises(QatuneError, match="bias='lora_only' with LoRA on only some of q/k/v"):
+        apply_lora(model, LoRAConfig(targets=["q", "v"], bias="lora_only"))
+    apply_lora(model, LoRAConfig(targets=["q", "k", "v"], bias="lora_only"))
+    assert model.blocks[0].attn.qkv.base.bias.requires_grad
+
+
 # peft configuration, qatune configuration: the same adapter on both sides.
 COUNT_CASES = {
     "gpt2-c_attn": ("gpt2", dict(target_modules=["c_attn"]), dict()),
-    "gpt2-c_proj-r4-bias-all": ("gpt2", dict(r=4, target_modules=["c_proj"], bias="all"), dict(r=4, targets=["c_proj"], bias="all")),
+    "gpt2-c_proj-r4-bias-all": ("gpt2", dict(r=4, target_modules=["c_proj"], bias="all"),
+                                dict(r=4, targets=["c_proj"], bias="all")),
     "gpt2-o-up-lora_only": ("gpt2", dict(target_modules=["attn.c_proj", "c_fc"], bias="lora_only"),
                             dict(targets=["o", "up"], bias="lora_only")),
     "gpt2-all-linear": ("gpt2", dict(target_modules="all-linear", r=2), dict(targets=["all-linear"], r=2)),
@@ -198,17 +208,24 @@ def test_unknown_targets_list_the_family_valid_names():
         apply_lora(_native("gpt2"), LoRAConfig(targets=["qkv", "q"]))
 
 
-def test_bf16_base_with_fp32_lora_trains_only_lora():
-    model = _native("llama").to(torch.bfloat16)
-    apply_lora(model, LoRAConfig(targets=["all-linear"]))
+@pytest.mark.parametrize("family,targets,dtype", [
+    ("llama", ["all-linear"], torch.bfloat16),
+    ("gpt2", None, torch.bfloat16),
+    ("gpt2", ["up", "o"], torch.float32),  # whole layers fed by frozen layers: inputs without grad
+])
+def test_frozen_base_trains_only_lora(family, targets, dtype):
+    """A bf16 frozen base with fp32 LoRA weights runs forward/backward; grads land on LoRA params only."""
+    model = _native(family).to(dtype)
+    apply_lora(model, LoRAConfig(targets=targets))
     _randomise_lora(model)
     lora = {n for n, p in model.named_parameters() if ".lora_" in n}
     assert {p.dtype for n, p in model.named_parameters() if n in lora} == {torch.float32}
-    assert {p.dtype for n, p in model.named_parameters() if n not in lora} == {torch.bfloat16}
+    assert {p.dtype for n, p in model.named_parameters() if n not in lora} == {dtype}
     model.train()
     logits = model(IDS)
-    assert logits.dtype == torch.bfloat16
+    assert logits.dtype == dtype
     logits.float().logsumexp(-1).mean().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == lora
-    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in lora)
+    grads = [p.grad for n, p in model.named_parameters() if n in lora]
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

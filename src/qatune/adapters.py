@@ -25,8 +25,17 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .errors import QatuneError
-from .lora import WHOLE, LoRAConfig, LoRALinear, LoRAPart, inject_lora, lora_layers, merged_state_dict
-from .weights import HF_BLOCK_PREFIX, LINEAR_MAPS, hf_name_table, is_transposed, native_to_hf, qkv_slice
+from .lora import (
+    WHOLE,
+    LoRAConfig,
+    LoRALinear,
+    LoRAPart,
+    family_linears,
+    inject_lora,
+    lora_layers,
+    merged_state_dict,
+)
+from .weights import HF_BLOCK_PREFIX, hf_name_table, is_transposed, native_to_hf, qkv_slice
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -58,9 +67,7 @@ def _hf_linear_modules(cfg: ModelConfig) -> dict[str, tuple[str, str | None]]:
     """HF module path (`transformer.h.0.attn.c_attn`) -> (native module path, qkv part or None)."""
     table = {}
     for i in range(cfg.n_layer):
-        for m in LINEAR_MAPS[cfg.family]:
-            if m.native == "mlp.gate" and cfg.mlp != "swiglu":
-                continue
+        for m in family_linears(cfg):
             table[HF_BLOCK_PREFIX[cfg.family].format(i=i) + m.hf] = (f"blocks.{i}.{m.native}", m.part)
     return table
 
@@ -107,9 +114,10 @@ def _write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], No
 # ---------------------------------------------------------------------------------------------------- saving
 
 
-def _peft_pairs(cfg: ModelConfig, name: str, layer: LoRALinear) -> dict[str, tuple[Tensor, Tensor, int, float]]:
-    """One native LoRA layer -> {HF module path: (A, B, r, alpha)} as peft would hold it."""
-    to_hf = {v: k for k, v in _hf_linear_modules(cfg).items()}
+def _peft_pairs(to_hf: dict[tuple[str, str | None], str], name: str, layer: LoRALinear
+                ) -> dict[str, tuple[Tensor, Tensor, int, float]]:
+    """One native LoRA layer -> {HF module path: (A, B, r, alpha)} as peft would hold it. `to_hf` maps
+    (native module, qkv part or None) to the HF module path."""
     direct = {p: to_hf.get((name, None if p == WHOLE else p)) for p in layer.parts}
     if all(direct.values()):  # a whole layer, or a Llama q/k/v slice (= q_proj/k_proj/v_proj)
         return {
@@ -145,9 +153,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
         raise QatuneError("the model has no LoRA layers to save; apply_lora() or load_adapter() first")
     cfg: ModelConfig = model.config
     config: LoRAConfig = model.lora_config
+    to_hf = {native_part: hf for hf, native_part in _hf_linear_modules(cfg).items()}
     pairs: dict[str, tuple[Tensor, Tensor, int, float]] = {}
     for name, layer in layers.items():
-        pairs.update(_peft_pairs(cfg, name, layer))
+        pairs.update(_peft_pairs(to_hf, name, layer))
 
     tensors: dict[str, Tensor] = {}
     for module, (a, b, _, _) in pairs.items():
@@ -298,13 +307,20 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
         part_name = part or WHOLE
         layout.setdefault(native, {})[part_name] = LoRAPart(rows, r, alpha)
         weights[(native, part_name)] = (a, b)
+    for hf_name, value in biases.items():
+        native, part, _ = hf_tensors[hf_name]
+        target = _plain_param(model, native)
+        want = (target[qkv_slice(cfg, part)] if part else target).shape
+        if value.shape != want:
+            problems.append(f"{hf_name}: shape {tuple(value.shape)}, model needs {tuple(want)}")
     if problems:
         raise QatuneError(f"{weights_path} does not fit this {cfg.family} model: " + "; ".join(problems))
 
-    try:  # targets: the HF short names of what the file adapts, so apply_lora(config) rebuilds the same layout
-        config = LoRAConfig(r=conf.get("r", 8), alpha=conf.get("lora_alpha", 8),
-                            dropout=conf.get("lora_dropout", 0.0), targets=sorted({m.rpartition(".")[2] for m in pairs}),
-                            use_rslora=bool(conf.get("use_rslora")), bias=conf.get("bias", "none"))
+    # targets: the HF short names of what the file adapts, valid qatune targets describing this adapter.
+    targets = sorted({m.rpartition(".")[2] for m in pairs})
+    try:  # defaults are peft's LoraConfig defaults
+        config = LoRAConfig(r=conf.get("r", 8), alpha=conf.get("lora_alpha", 8), dropout=conf.get("lora_dropout", 0.0),
+                            targets=targets, use_rslora=bool(conf.get("use_rslora")), bias=conf.get("bias", "none"))
     except QatuneError as e:
         raise QatuneError(f"{config_path}: {e}") from None
     wrapped = inject_lora(model, layout, config)
@@ -352,3 +368,15 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path
             tokenizer.save_pretrained(str(tmp))
 
     return _write_dir_atomically(out_dir, write)
+
+
+def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """`qatune merge RUN OUT`: a LoRA run directory (`RUN/config.yaml` naming the base model, `RUN/adapter`)
+    -> a standalone Hugging Face checkpoint in OUT, tokenizer included."""
+    from .inference import load_for_inference
+
+    run = Path(run_dir)
+    if not (run / "adapter" / ADAPTER_CONFIG).is_file() or not (run / "config.yaml").is_file():
+        raise QatuneError(f"{run} is not a LoRA run directory: expected config.yaml and adapter/{ADAPTER_CONFIG}")
+    model, tokenizer = load_for_inference(run)
+    return save_merged(model, tokenizer, out_dir)

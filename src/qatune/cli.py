@@ -67,6 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     _add_generation_args(p)
 
+    p = sub.add_parser("eval", help="measure a run or a model on held-out data (loss, EM/F1 or BLEU...)",
+                       description="Teacher-forced answer loss and perplexity, then generated answers scored as QA "
+                                   "(EM, F1) or NLG (BLEU, ROUGE-L, NIST, METEOR, CIDEr). Writes metrics.json and "
+                                   "predictions.jsonl to --out (default RUN_DIR/eval).")
+    p.add_argument("source", metavar="RUN_DIR_OR_MODEL")
+    p.add_argument("--data", required=True, help="data file (any format `train` reads), or sample-test")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval; required for a model)")
+    p.add_argument("--format", default="auto", help="data format: auto | jsonl | json | csv | e2e | hf")
+    p.add_argument("--max-examples", type=int, default=None, help="first N examples (NLG: first N distinct inputs)")
+    p.add_argument("--task", default="auto", choices=["auto", "qa", "nlg"], help="auto: E2E data is nlg, else qa")
+    p.add_argument("--template", default=None, help="prompt template (default: the run's, else the QA default)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-loss", dest="loss", action="store_false", help="skip the teacher-forced loss")
+    p.add_argument("--device", default=None)
+    _add_generation_args(p)
+
+    p = sub.add_parser("compare", help="run a full-vs-LoRA sweep and write report.md with tables, plots, verdict")
+    p.add_argument("sweep", metavar="SWEEP.yaml")
+    p.add_argument("--out", default=None, help="output directory (default runs/compare/<sweep name>)")
+
     p = sub.add_parser("merge", help="merge a LoRA run into a standalone Hugging Face checkpoint")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
@@ -110,6 +130,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "ask":
         return _ask(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "compare":
+        from .compare import run_sweep
+
+        print(run_sweep(args.sweep, args.out))
+        return 0
     if args.command == "merge":
         from .adapters import merge_run
 
@@ -125,6 +152,22 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_demo(out=args.out, epochs=args.epochs)
     raise AssertionError(args.command)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .evaluate import evaluate
+
+    if args.out is None and not (Path(args.source) / "config.yaml").is_file():
+        raise QatuneError(f"{args.source} is not a run directory: pass --out DIR for the results")
+    metrics = evaluate(args.source, args.data, out_dir=args.out, template=args.template,
+                       generation=_generation_config(args), batch_size=args.batch_size,
+                       max_examples=args.max_examples, task=args.task, fmt=args.format, loss=args.loss,
+                       device=args.device)
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("generation", "template")}, indent=2))
+    return 0
 
 
 def _ask(args: argparse.Namespace) -> int:

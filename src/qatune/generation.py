@@ -202,7 +202,8 @@ def _greedy_or_sample(
     stops: _StopStrings | None,
     stream: _Stream | None,
 ) -> list[list[int]]:
-    """One token per row per step; a row stops at EOS or a stop string and is then only carried along."""
+    """One token per row per step. A row that ends (EOS or stop string) leaves the batch, cache included, so
+    a batch of answers of mixed lengths costs what its unfinished rows cost."""
     eos = _eos_ids(config, model)
     ids, mask = _left_pad(prompts, _pad_id(config, model, eos), _device(model))
     cache = KVCache(model.config.n_layer)
@@ -211,29 +212,33 @@ def _greedy_or_sample(
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=ids.device).manual_seed(config.seed)
     outputs: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
+    active = list(range(len(prompts)))  # the prompt each batch row belongs to
     for step in range(config.max_new_tokens):
         if config.no_repeat_ngram_size:
-            context = [p + out for p, out in zip(prompts, outputs)]
+            context = [prompts[i] + outputs[i] for i in active]
             logits = ban_repeated_ngrams(logits, context, config.no_repeat_ngram_size)
         if config.do_sample:
             probs = F.softmax(warp_logits(logits, config), dim=-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             next_tokens = logits.argmax(dim=-1)
-        for row, token in enumerate(next_tokens.tolist()):
-            if done[row]:
-                continue
+        going_on = []
+        for row, (i, token) in enumerate(zip(active, next_tokens.tolist())):
             if token in eos:
-                done[row] = True
-            else:
-                outputs[row].append(token)
-                done[row] = stops is not None and stops.found(outputs[row])
+                continue
+            outputs[i].append(token)
+            if stops is None or not stops.found(outputs[i]):
+                going_on.append(row)
         if stream is not None:
             stream.push(outputs[0])
-        if all(done) or step + 1 == config.max_new_tokens:
+        if not going_on or step + 1 == config.max_new_tokens:
             break
-        mask = torch.cat((mask, mask.new_ones(len(prompts), 1)), dim=1)
+        if len(going_on) < len(active):
+            keep = torch.tensor(going_on, device=mask.device)
+            cache.reorder(keep)
+            mask, next_tokens = mask[keep], next_tokens[keep]
+            active = [active[row] for row in going_on]
+        mask = torch.cat((mask, mask.new_ones(len(active), 1)), dim=1)
         logits = _next_logits(model, next_tokens[:, None], mask, cache)
     return [stops.trim(out) for out in outputs] if stops is not None else outputs
 
@@ -394,7 +399,7 @@ def _check_positions(model: Decoder, prompts: list[list[int]], max_new_tokens: i
         raise QatuneError(
             f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
             f"{cfg.max_positions} positions: shorten the prompt or lower max_new_tokens "
-            f"(at most {cfg.max_positions - longest} here)"
+            f"(room for {max(cfg.max_positions - longest, 0)} new tokens here)"
         )
 
 

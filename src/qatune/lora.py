@@ -5,7 +5,7 @@ so one `LoRALinear` may hold several LoRA pairs, each over a block of output row
 or the q, k and v slices. Hugging Face names of the modules come from `weights.LINEAR_MAPS` only, so targets,
 adapters and merged checkpoints agree with the weight loader by construction.
 
-Target names, the same for both families (`valid_targets(cfg)` lists them for a model):
+Target names, the same for both families (`target_table(cfg)` lists them for a model):
 `q` `k` `v` `o` `up` `gate` (Llama) `down`, `all-linear` (every linear in the blocks, not the LM head, as peft),
 `qkv` (GPT-2 only: one pair over the whole fused `c_attn`, peft's GPT-2 default), and the Hugging Face module
 names (`c_attn`, `c_fc`, `c_proj` = both `o` and `down` as peft matches it by suffix; `q_proj` ... `down_proj`).
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .errors import QatuneError
-from .weights import LINEAR_MAPS, qkv_slice
+from .weights import LINEAR_MAPS, LinearMap, qkv_slice
 
 BIAS_MODES = ("none", "all", "lora_only")
 WHOLE = "all"  # part name of a pair that covers every output row of its layer
@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, parts: dict[str, LoRAPart], *, dropout: float, use_rslora: bool):
         super().__init__()
         self.base = base
-        self.parts = dict(parts)
+        self.parts = dict(sorted(parts.items(), key=lambda kv: kv[1].rows.start))  # in row order: q, k, v
         self.use_rslora = use_rslora
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -106,11 +106,14 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         h = self.dropout(x).to(self.lora_A[next(iter(self.parts))].dtype)
+        # Out of place: the base output may be a view of a tensor autograd does not track (frozen layer,
+        # input without grad), which an in-place add of a tracked delta is not allowed to modify.
+        pieces, done = [], 0
         for name, part in self.parts.items():
             delta = ((h @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scaling(name)).to(out.dtype)
-            # In place is safe for autograd: a linear layer's backward needs its input, never its output.
-            out[..., part.rows] += delta
-        return out
+            pieces += [out[..., done:part.rows.start], out[..., part.rows] + delta]
+            done = part.rows.stop
+        return torch.cat([*pieces, out[..., done:]], dim=-1)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -138,21 +141,23 @@ class LoRALinear(nn.Module):
         return weight
 
     def extra_repr(self) -> str:
-        parts = ", ".join(f"{n}: rows {p.rows.start}:{p.rows.stop} r={p.r} alpha={p.alpha}" for n, p in self.parts.items())
+        parts = ", ".join(f"{n}: rows {p.rows.start}:{p.rows.stop} r={p.r} alpha={p.alpha}"
+                          for n, p in self.parts.items())
         return f"{parts}, rslora={self.use_rslora}, merged={self.merged}"
 
 
 # ---------------------------------------------------------------------------------------------------- targets
 
 
-def _family_linears(cfg: ModelConfig):
+def family_linears(cfg: ModelConfig) -> list[LinearMap]:
+    """The `LINEAR_MAPS` entries this model has (GPT-2-style MLPs have no gate)."""
     return [m for m in LINEAR_MAPS[cfg.family] if m.native != "mlp.gate" or cfg.mlp == "swiglu"]
 
 
 def target_table(cfg: ModelConfig) -> dict[str, list[tuple[str, str | None]]]:
     """Every target name valid for this model -> the (module inside a block, qkv part or None) pairs it adapts."""
     table: dict[str, list[tuple[str, str | None]]] = {}
-    linears = _family_linears(cfg)
+    linears = family_linears(cfg)
     for m in linears:
         short = m.part or m.native.rpartition(".")[2]  # Llama: q/k/v; otherwise qkv, o, up, gate, down
         for name in (short, m.hf.rpartition(".")[2]):
@@ -161,10 +166,6 @@ def target_table(cfg: ModelConfig) -> dict[str, list[tuple[str, str | None]]]:
         table.setdefault(part, [("attn.qkv", part)])
     table["all-linear"] = list(dict.fromkeys((m.native, m.part) for m in linears))
     return table
-
-
-def valid_targets(cfg: ModelConfig) -> list[str]:
-    return list(target_table(cfg))
 
 
 def _resolve_targets(cfg: ModelConfig, targets: list[str]) -> dict[str, list[str | None]]:

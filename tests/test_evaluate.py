@@ -1,0 +1,122 @@
+"""Evaluation: metrics.json agrees with predictions.jsonl, NLG groups references, early stopping on EM/F1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from qatune.cli import main
+from qatune.data import group_references, load_examples
+from qatune.evaluate import evaluate, generation_metrics, resolve_task
+from qatune.generation import GenerationConfig
+from qatune.metrics import generation_scores, qa_scores
+from qatune.run_config import load_config
+from qatune.train import SAMPLE_DATA, train_model
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
+E2E_TEST = SHARED / "data" / "e2e" / "test.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random GPT-2 (width 32, 2 layers) with the real GPT-2 tokenizer."""
+    if not GPT2_TOKENIZER.is_dir():
+        pytest.skip("../shared/tokenizers/gpt2 not present")
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(GPT2_TOKENIZER / f, path)
+    return path
+
+
+def _read(out: Path) -> tuple[dict, list[dict]]:
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return json.loads((out / "metrics.json").read_text()), rows
+
+
+def test_qa_metrics_match_predictions(tiny_model, tmp_path):
+    out = tmp_path / "eval"
+    # Through the CLI: the subcommand, its flags and the `sample-test` alias are part of what is tested.
+    assert main(["eval", str(tiny_model), "--data", "sample-test", "--out", str(out), "--max-examples", "20",
+                 "--max-new-tokens", "4"]) == 0
+    metrics, rows = _read(out)
+    test = load_examples(SAMPLE_DATA / "facts_test.jsonl")[:20]
+    assert metrics["task"] == "qa" and metrics["examples"] == len(rows) == 20
+    assert [r["input"] for r in rows] == [ex.question for ex in test]
+    assert [r["references"] for r in rows] == [ex.aliases for ex in test]
+    recomputed = qa_scores([r["prediction"] for r in rows], [r["references"] for r in rows])
+    assert metrics["em"] == pytest.approx(recomputed["em"]) and metrics["f1"] == pytest.approx(recomputed["f1"])
+    assert metrics["f1"] == pytest.approx(100 * sum(r["scores"]["f1"] for r in rows) / len(rows))
+    assert metrics["loss"] > 0 and metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item())
+    assert metrics["generation"]["max_new_tokens"] == 4
+
+
+def test_an_answer_that_is_right_scores_right(tiny_model, tmp_path, monkeypatch):
+    """Scoring path end to end with known answers: the model 'answers' each question's first alias."""
+    test = load_examples(SAMPLE_DATA / "facts_test.jsonl")[:6]
+    truth = {ex.question: ex.aliases[0] for ex in test}
+    import qatune.evaluate as ev
+
+    monkeypatch.setattr(ev, "answer_questions",
+                        lambda model, tok, questions, **kw: [truth[q] if i % 2 else "wrong" for i, q in
+                                                             enumerate(questions)])
+    metrics = evaluate(tiny_model, "sample-test", out_dir=tmp_path, max_examples=6, batch_size=6)
+    _, rows = _read(tmp_path)
+    # Batches are ordered by length, so which questions got the right answer is read back from the rows.
+    right = sum(r["prediction"] == truth[r["input"]] for r in rows)
+    assert right == 3 and metrics["em"] == pytest.approx(50.0)
+
+
+def test_nlg_generates_once_per_input_with_grouped_references(tiny_model, tmp_path):
+    if not E2E_TEST.is_file():
+        pytest.skip("../shared/data/e2e not present")
+    metrics = evaluate(tiny_model, E2E_TEST, out_dir=tmp_path, max_examples=3,
+                       generation=GenerationConfig(max_new_tokens=6), template="{question} || {answer}")
+    _, rows = _read(tmp_path)
+    groups = group_references(load_examples(E2E_TEST))[:3]
+    assert metrics["task"] == "nlg" and metrics["inputs"] == 3 == len(rows)
+    assert metrics["examples"] == sum(len(refs) for _, refs in groups)
+    assert [(r["input"], r["references"]) for r in rows] == [(q, refs) for q, refs in groups]
+    recomputed = generation_scores([r["prediction"] for r in rows], [r["references"] for r in rows])
+    for key in ("bleu", "rouge_l", "nist", "cider"):
+        assert metrics[key] == pytest.approx(recomputed[key])
+
+
+def test_task_resolution():
+    assert resolve_task("auto", "auto", "x/test.txt") == "nlg"
+    assert resolve_task("auto", "e2e", "x/test") == "nlg"
+    assert resolve_task("auto", "auto", "x/test.jsonl") == "qa"
+    assert resolve_task("qa", "e2e", "x/test.txt") == "qa"
+
+
+def test_early_stopping_on_generated_f1(tiny_model, tmp_path):
+    """train.eval_generate + early_stop_metric=f1: the trainer reads generation_metrics' keys, stops on them,
+    and the best checkpoint is the one with the best F1."""
+    cfg = load_config(None, [f"model={tiny_model}", "method=full", "data.train=sample", "data.max_examples=48",
+                             "train.epochs=20", "train.batch_size=8", "train.lr=0.05", "train.schedule=constant",
+                             "train.eval_every=2", "train.eval_generate=8", "train.early_stop_metric=f1",
+                             "train.patience=2", "train.progress=false", f"out={tmp_path}"])
+    summary = train_model(cfg)
+    evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["event"] == "eval"]
+    assert all("em" in r and "f1" in r for r in evals)
+    f1s = [r["f1"] for r in evals]
+    best_i = max(range(len(f1s)), key=lambda i: (f1s[i], -i))  # the first evaluation reaching the maximum
+    assert summary["early_stopped"] and len(evals) == best_i + 3  # two evaluations without improvement
+    assert summary["best_metric"] == {"f1": f1s[best_i]} and summary["best_step"] == evals[best_i]["step"]
+
+
+def test_generation_metrics_keys(tiny_model):
+    from qatune import load_model, load_tokenizer
+
+    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+    examples = load_examples(SAMPLE_DATA / "facts_test.jsonl")[:3]
+    scores = generation_metrics(model, tok, examples, "Question: {question}\nAnswer: {answer}", None)
+    assert set(scores) == {"em", "f1"}
