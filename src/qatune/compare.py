@@ -110,14 +110,12 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
     """Run (or resume) every run of the sweep, then write results.json and report.md; returns the report path."""
-
     started = time.time()
     sweep = load_sweep(path)
     out = Path(out or Path("runs") / "compare" / sweep.name)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     paths = _write_slices(sweep, out / "data")
-    base = _substitute(sweep.base, paths)
-    sweep.base, sweep.eval = base, _substitute(sweep.eval, paths)
+    sweep.base, sweep.eval = _substitute(sweep.base, paths), _substitute(sweep.eval, paths)
     trained = [run for run in sweep.runs if run.method != "zero-shot"]
     for run in trained:  # validate every config up front: a typo should not surface after an hour of training
         config_path = out / "configs" / f"{run.name}.yaml"

@@ -170,8 +170,8 @@ def _answer_loss(model: Decoder, tokenizer, examples: list[QAExample], template:
 
 def _generate(model: Decoder, tokenizer, inputs: list[str], template: str, config: GenerationConfig,
               batch_size: int, progress: bool) -> list[str]:
-    """Answers in input order. Inputs are batched by length (less left padding: the same answers, since a
-    prompt's answer does not depend on what it is batched with) with a progress bar on stderr."""
+    """Answers in input order. Inputs are batched by length, which wastes less on left padding and changes no
+    answer (the model takes positions from the attention mask); a progress bar on stderr."""
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     answers: dict[int, str] = {}
     with _progress_bar(progress, len(inputs)) as advance:

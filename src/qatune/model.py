@@ -6,6 +6,14 @@ What differs between the families is a handful of `ModelConfig` flags, never a b
 Attention runs through `scaled_dot_product_attention`. With no padding, no packing and no cache it passes
 `is_causal=True` and no mask, so PyTorch may pick its flash kernel; otherwise a boolean mask is built from
 `attention_mask` (padding), `doc_ids` (packing: a token sees only its own document) and the cache offset.
+
+The fast path (`Decoder.set_fast_path(True)`, off by default; the default path is the reference) changes how,
+never what, is computed; each part exists because `qatune bench` measured it (benchmarks/README.md):
+- the LM head and the cross-entropy run a chunk of rows at a time (`chunked_lm_loss`): the `[tokens, vocab]`
+  fp32 logits are never materialised, and the gradient is formed while the chunk is hot in cache;
+- CPU only: dropout draws its mask with one vectorised `torch.rand` (`FastDropout`), and training attention
+  runs as explicit low-precision matmuls (`explicit_attention`) instead of SDPA's CPU fallback, which upcasts
+  to fp32 and draws its dropout mask with `bernoulli_`. On CUDA, SDPA (flash) and fused dropout are kept.
 """
 
 from __future__ import annotations
@@ -102,10 +110,108 @@ def attention_mask_4d(
     return mask | (k_pos == q_pos)[None, None]
 
 
+def fast_dropout(x: Tensor, p: float) -> Tensor:
+    """Inverted dropout with the keep-mask drawn by `torch.rand` (vectorised on CPU, unlike `bernoulli_`) and
+    kept as bool for backward. Same distribution as `F.dropout`, a different random stream."""
+    keep = torch.rand(x.shape, device=x.device) >= p
+    return x * keep * (1.0 / (1.0 - p))
+
+
+class FastDropout(nn.Dropout):
+    """`nn.Dropout` using `fast_dropout` on CPU; elsewhere (CUDA has a fused dropout kernel) `nn.Dropout` itself.
+    `Decoder.set_fast_path` swaps it in for every `nn.Dropout` of the model, LoRA's included."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return fast_dropout(x, self.p)
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
+    """softmax(q k^T / sqrt(d), masked) v with the two matmuls in the input dtype and the softmax in fp32
+    (what flash attention computes on a GPU). On CPU, SDPA with dropout falls back to a path that upcasts
+    bf16 to fp32 matmuls (about 8x slower here) and draws its mask with `bernoulli_`. `mask`: bool
+    `[B, 1, T, S]`, True = may attend; None = causal."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    if mask is None:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    if dropout_p > 0:
+        probs = fast_dropout(probs, dropout_p)
+    return torch.matmul(probs, v)
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, `chunk` rows at a time.
+
+    Forward computes each chunk's logits (matmul in `dtype`, as autocast would; softmax in fp32), its loss and,
+    when a gradient will be needed, its gradient (softmax - smoothed one-hot), turned at once into the gradient
+    of `hidden`; backward only scales that. The `[rows, vocab]` gradient is kept (in `dtype`) only when the
+    weight itself trains (full fine-tuning), for one `g.T @ hidden` matmul in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float, chunk: int,
+                dtype: torch.dtype, need_grad: bool) -> Tensor:
+        h, w = hidden.to(dtype), weight.to(dtype)
+        want_h = need_grad and ctx.needs_input_grad[0]
+        want_w = need_grad and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_logits: list[Tensor] = []
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, h.shape[0], chunk):
+            target = targets[start:start + chunk, None]
+            logits = (h[start:start + chunk] @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            nll = lse - logits.gather(1, target)
+            if label_smoothing:
+                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1, keepdim=True))
+            total += nll.sum()
+            if want_h or want_w:
+                grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                grad.scatter_add_(1, target, grad.new_full(target.shape, label_smoothing - 1))
+                if label_smoothing:
+                    grad.sub_(label_smoothing / grad.shape[-1])
+                grad = grad.to(dtype)
+                if want_h:
+                    grad_h[start:start + chunk] = grad @ w
+                if want_w:
+                    grad_logits.append(grad)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.save_for_backward(grad_h, torch.cat(grad_logits) if want_w else None, h if want_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_h, grad_logits, h = ctx.saved_tensors
+        d_hidden = grad_h.to(ctx.hidden_dtype) * grad_total if grad_h is not None else None
+        d_weight = (grad_logits.t() @ h).to(ctx.weight_dtype) * grad_total if grad_logits is not None else None
+        return d_hidden, d_weight, None, None, None, None, None
+
+
+# Rows of logits per chunk: ~32 MiB of fp32 logits on CPU (stays in cache), ~2 GiB on GPUs (keeps the matmuls
+# large) -- in elements of fp32 logits.
+_LOSS_CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**29}
+
+
+def chunked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """`F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` without the full logits.
+
+    Under autocast the matmuls run in the autocast dtype, as `F.linear` would; the loss is fp32."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    chunk = max(1, _LOSS_CHUNK_ELEMENTS.get(device, 2**23) // weight.shape[0])
+    with torch.autocast(device, enabled=False):
+        return _ChunkedLMLoss.apply(hidden, weight, targets, label_smoothing, chunk, dtype,
+                                    torch.is_grad_enabled())
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.fast = False  # set by Decoder.set_fast_path
         # q, k and v share one matmul (GPT-2's c_attn; Llama's q/k/v_proj are concatenated on load).
         self.qkv = nn.Linear(cfg.d_model, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attn_bias)
         self.o = nn.Linear(cfg.q_size, cfg.d_model, bias=cfg.attn_bias)
@@ -134,14 +240,11 @@ class Attention(nn.Module):
             v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
         # Plain causal attention lets SDPA use its fused (flash) kernels; a cached single step sees everything.
         is_causal = mask is None and k.shape[2] == t
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=cfg.attn_dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )
+        dropout_p = cfg.attn_dropout if self.training else 0.0
+        if self.fast and x.device.type == "cpu" and kv_cache is None:
+            y = explicit_attention(q, k, v, mask, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(b, t, cfg.q_size)
         return self.resid_dropout(self.o(y))
 
@@ -198,6 +301,23 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         # Activation checkpointing trades compute for memory on large shapes (off by default).
         self.gradient_checkpointing = False
+        self.fast_path = False  # see set_fast_path
+
+    def set_fast_path(self, enabled: bool = True) -> Decoder:
+        """Switch the fast path (module docstring) on or off; the default (off) is the reference path.
+
+        Swaps every `nn.Dropout` of the model for a `FastDropout` and back, so call it after `apply_lora` for
+        LoRA's dropout to be included. Losses agree with the reference within low-precision rounding; with
+        dropout the masks differ (another random stream), as with any change of kernel."""
+        self.fast_path = enabled
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fast = enabled
+            for name, child in module.named_children():
+                if type(child) is (nn.Dropout if enabled else FastDropout):
+                    swapped = (FastDropout if enabled else nn.Dropout)(child.p)
+                    setattr(module, name, swapped.train(child.training))
+        return self
 
     def init_weights(self, std: float = 0.02) -> None:
         """Random initialisation (benchmarks and from-scratch shapes); loading replaces all of it."""
@@ -261,7 +381,8 @@ class Decoder(nn.Module):
         Labels are aligned with input_ids (position t predicts labels[t+1]); -100 is ignored. The LM head runs
         only where a label exists: with answer-only loss most QA tokens are prompt, so this skips most of the
         largest matmul and never materialises logits for the whole batch. `attention_mask` is only needed for
-        left padding or packing: right padding cannot affect earlier tokens under a causal mask."""
+        left padding or packing: right padding cannot affect earlier tokens under a causal mask. The fast path
+        computes the same loss chunk by chunk (`chunked_lm_loss`)."""
         hidden = self.hidden_states(
             batch["input_ids"],
             position_ids=batch.get("position_ids"),
@@ -271,6 +392,9 @@ class Decoder(nn.Module):
         targets = batch["labels"][:, 1:]
         keep = targets != -100
         n = int(keep.sum())
+        if self.fast_path:
+            loss = chunked_lm_loss(hidden[:, :-1][keep], self.lm_head.weight, targets[keep], label_smoothing)
+            return (loss / max(n, 1) if reduction == "mean" else loss), n
         logits = self.lm_head(hidden[:, :-1][keep])
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum", label_smoothing=label_smoothing)
         return (loss / max(n, 1) if reduction == "mean" else loss), n

@@ -37,7 +37,7 @@ def environment() -> dict[str, Any]:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpu_cores": os.cpu_count(),
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "qatune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "date": date.today().isoformat()}
@@ -187,7 +187,8 @@ def _times(x: float | None) -> str:
 
 def _header(results: dict[str, Any]) -> list[str]:
     env, ev, data = results["environment"], results["eval"], results["base"].get("data", {})
-    hardware = f"{env['cpu']} ({env['cpu_cores']} cores)" + (f", GPU {env['gpu']}" if env["gpu"] else ", no GPU")
+    hardware = (f"{env['cpu']} ({env['cpu_cores']} cores, torch using {env['torch_threads']} thread(s))"
+                + (f", GPU {env['gpu']}" if env["gpu"] else ", no GPU"))
     slices = "; ".join(f"`{name}` = lines {s.get('start', 0)}-{s.get('stop', 'end')} of `{s['source']}`"
                        for name, s in results["slices"].items())
     validation = data.get("val") or f"{data.get('val_fraction', 0.1):.0%} of train, split by question with the run's seed"
