@@ -115,12 +115,18 @@ def iter_hf_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
 
             try:
                 with safe_open(str(f), framework="pt") as sf:
-                    for key in sf.keys():
-                        yield key, sf.get_tensor(key)
+                    keys = list(sf.keys())
             except Exception as e:
-                if isinstance(e, QatuneError):
-                    raise
                 raise QatuneError(f"cannot read {f}: {e}") from e
+            for key in keys:
+                # One short-lived mapping per tensor: pages of a file that stays mapped count as resident
+                # memory, which would put the whole fp32 checkpoint in RSS next to the bf16 model.
+                try:
+                    with safe_open(str(f), framework="pt") as sf:
+                        tensor = sf.get_tensor(key)
+                except Exception as e:
+                    raise QatuneError(f"cannot read tensor {key} from {f}: {e}") from e
+                yield key, tensor
         else:
             try:  # weights_only: a checkpoint must not be able to run code
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
