@@ -179,3 +179,31 @@ def test_smollm2_gguf_matches_transformers_gguf_loading():
     with torch.no_grad():
         assert (model(ids) - ref(ids).logits).abs().max().item() <= 1e-4
     assert model.config.n_kv_head == 3 and model.config.tie_embeddings
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_ask_smollm2_answers_sensibly():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "qatune", "ask", "smollm2-135m", "What is the capital of France?"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Paris" in res.stdout
+
+
+@needs_smollm2
+def test_download_smollm2_finds_the_installed_gguf():
+    from qatune.download import download
+
+    assert download("smollm2-135m").endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_cli_help_lists_every_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "qatune", "--help"], capture_output=True, text=True).stdout
+    for command in ("train", "ask", "eval", "compare", "merge", "download", "bench", "demo"):
+        assert command in out

@@ -141,7 +141,8 @@ def test_packed_and_unpacked_losses_are_equal(tiny_model_dir):
         assert na == nb and abs(a.item() - b.item()) <= 1e-5
 
 
-def test_torchrun_two_processes_match_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(tiny_model_dir, tmp_path, mode):
     """2 gloo processes x batch 4 == 1 process x batch 4 x grad_accum 2 (same global batch of 8)."""
     common = [f"model={tiny_model_dir}", "method=full", "data.train=sample", "train.max_steps=6",
               "train.epochs=1", "train.progress=false", "train.lr=1e-3", "train.eval_every=3"]
@@ -151,15 +152,18 @@ def test_torchrun_two_processes_match_one_process(tiny_model_dir, tmp_path):
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                 "-m", "qatune", "train"]
-    res = subprocess.run(torchrun + common + ["train.batch_size=4", f"out={two}"], env=_train_env(),
+    res = subprocess.run(torchrun + common + ["train.batch_size=4", f"train.fsdp={mode == 'fsdp'}", f"out={two}"],
+                         env=_train_env(),
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     a = load_file(one / "model" / "model.safetensors")
     b = load_file(two / "model" / "model.safetensors")
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    # FSDP reduce-scatters in another order than one process sums: float rounding only.
+    tol = 1e-6 if mode == "ddp" else 1e-5
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= tol
     la, lb = _losses(one), _losses(two)
-    assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) <= 1e-6 for s in la)
+    assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) <= tol for s in la)
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
 
 

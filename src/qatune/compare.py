@@ -224,9 +224,11 @@ def _weights_size(result: Path) -> int:
 
 
 def _stderr(predictions: Path, key: str) -> float | None:
-    """Standard error of the mean per-input score (in points): the sampling noise of a test-set mean."""
-    values = [100.0 * json.loads(line)["scores"][key] for line in predictions.read_text().splitlines() if line]
-    values = [v for v in values if v is not None]
+    """Standard error of the mean per-input score, in points: the sampling noise of a test-set mean.
+    Per-input EM/F1 are fractions (metrics.per_example_qa), sentence BLEU already a percentage."""
+    scale = 100.0 if key in ("em", "f1") else 1.0
+    scores = [json.loads(line)["scores"][key] for line in predictions.read_text().splitlines() if line]
+    values = [scale * v for v in scores if v is not None]
     return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
 
 

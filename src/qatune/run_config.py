@@ -73,6 +73,7 @@ class TrainSection:
     early_stop_metric: str = "val_loss"  # val_loss | em | f1 | bleu (generation metrics need eval_generate)
     eval_generate: int = 0  # examples of the validation set to answer by generation at each evaluation
     packing: bool = False
+    fsdp: bool = False  # with torchrun, full fine-tuning: shard weights/grads/optimizer state (models that do not fit)
     compile: bool = False
     gradient_checkpointing: bool = False
     log_every: int = 1

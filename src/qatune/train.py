@@ -15,7 +15,6 @@ as one process with the same global batch, whatever the split.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -35,6 +34,7 @@ from .data import DataReport, QAExample, load_examples, split_train_val
 from .errors import QatuneError
 from .loading import load_model, parse_dtype
 from .lora import LoRAConfig, apply_lora, count_parameters, format_parameter_count
+from .parallel import Dist, Parallel, init_distributed
 from .run_config import RunConfig, save_config
 from .tokenizer import load_tokenizer
 
@@ -42,26 +42,6 @@ SAMPLE_DATA = Path(__file__).parent / "sample_data"
 
 
 # ----------------------------------------------------------------------------------------------- setup
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def pick_device(name: str, d: Dist) -> torch.device:
@@ -258,17 +238,19 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
 
     # --- model and optimizer
+    if t.fsdp and (cfg.method != "full" or cfg.backend != "native"):
+        raise QatuneError("train.fsdp=true is for method=full with backend=native (LoRA's base is frozen: use DDP)")
     model = build_model(cfg, device)
     trainable, total, percent = count_parameters(model)
     console(format_parameter_count(model))
     model.train()
+    par = Parallel(d, fsdp=t.fsdp)
+    par.shard(model)
     optimizer = make_optimizer(model, cfg, device)
     loss_module: nn.Module = _LossModule(model, t.label_smoothing)
     if t.compile:
         loss_module = torch.compile(loss_module)
-    if d.world > 1:
-        loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_module = par.wrap(loss_module, device)
 
     lengths = [len(f) for f in train_feats]
     group = t.grad_accum * d.world  # micro-batches per optimizer step, all ranks together
@@ -298,8 +280,9 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
     if cfg.resume and resume_from is None:
         console(f"resume=true but no checkpoint in {ckpt_root}: starting from scratch")
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model)
-        optimizer.load_state_dict(saved["optimizer"])
+        weights, saved = ckpt.load_checkpoint(resume_from)
+        par.load_trainable_state(model, weights, str(resume_from))
+        par.load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         state = TrainState(**saved["train_state"])
@@ -309,13 +292,13 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
     higher_is_better = t.early_stop_metric != "val_loss"
 
     def save(best: bool) -> None:
+        weights, optim_state = par.trainable_state(model), par.optimizer_state(model, optimizer)  # collective
         if d.main:
-            ckpt.save_checkpoint(ckpt_root, state.step, model, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            ckpt.save_checkpoint(ckpt_root, state.step, weights, {
+                "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "train_state": state.__dict__.copy(),
             }, best=best, keep=t.keep_checkpoints)
-        if d.world > 1:
-            dist.barrier()
+        par.barrier()
 
     def run_eval() -> bool:
         """Evaluate, track the best, checkpoint; returns True when early stopping says stop."""
@@ -362,9 +345,7 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
             mine = step_batches[d.rank::d.world]
             loss_total = 0.0
             for i, batch in enumerate(mine):
-                sync = i == len(mine) - 1
-                ctx = loss_module.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()
-                with ctx, autocast():
+                with par.sync_context(loss_module, model, sync=i == len(mine) - 1), autocast():
                     loss_sum, _ = loss_module(_to_device(batch, device))
                     # DDP averages gradients over ranks; scale by world so the result is the global token mean.
                     loss = loss_sum * d.world / max(global_tokens, 1)
@@ -412,7 +393,7 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
     # --- result: the best weights (or the last when nothing was evaluated)
     best = ckpt.latest(ckpt_root, "best")
     if best is not None:
-        ckpt.load_checkpoint(best, model)
+        par.load_trainable_state(model, ckpt.load_checkpoint(best)[0], str(best))
     summary = {
         "trainable_params": trainable,
         "total_params": total,
@@ -432,13 +413,18 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
         "model": cfg.model,
         "world_size": d.world,
     }
+    result_model = model
+    if par.fsdp:  # gather the shards into one plain model (collective), saved by rank 0
+        from .loading import build_model as assemble
+
+        full = par.full_model_state(model)
+        result_model = assemble(model.config, full) if d.main else None
     if d.main:
-        _save_result(cfg, model, tokenizer, out)
+        _save_result(cfg, result_model, tokenizer, out)
         summary["result_bytes"] = _dir_size(out / ("adapter" if cfg.method == "lora" else "model"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         console(f"Done: {state.step} steps, best val loss {summary['best_val_loss']}, result in {out}")
-    if d.world > 1:
-        dist.barrier()
+    par.barrier()
     return summary
 
 

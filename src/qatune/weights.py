@@ -133,7 +133,7 @@ def hf_to_native(tensors: Iterable[tuple[str, Tensor]], cfg: ModelConfig, expect
                 unexpected.append(name)
             continue
         native, part, transpose = table[hf_name]
-        t = convert(tensor.t() if transpose else tensor)
+        t = convert(tensor.t().contiguous() if transpose else tensor)
         if part is None:
             out[native] = t
         else:
