@@ -71,6 +71,8 @@ LORA = dict(r=8, alpha=16.0, dropout=0.1, targets=["c_attn"])  # the baseline re
 
 @dataclass
 class BenchConfig:
+    """What `qatune bench` runs: the product shapes x methods x backends (x strategies with real data)."""
+
     shapes: list[str] = field(default_factory=lambda: ["gpt2"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     backends: list[str] = field(default_factory=lambda: ["native", "native-fast", "hf"])
@@ -101,7 +103,8 @@ class BenchConfig:
 
 @dataclass
 class Run:
-    """One configuration: its model, optimizer, loss callable and batches, and what was measured."""
+    """One configuration: its step function (holding its model and optimizer), its batches, and what was
+    measured."""
 
     name: str
     shape: str
@@ -245,8 +248,8 @@ def real_data_batches(cfg: BenchConfig) -> tuple[dict[str, list[dict[str, Tensor
         plan = list(itertools.islice(batches(features, cfg.batch, **kwargs), n))
         out[strategy] = list(itertools.islice(itertools.cycle(plan), n))
     info = {
-        "path": str(path), "examples": len(features), "tokens": sum(lengths), "mean_length": sum(lengths) / len(lengths),
-        "longest": longest, "data_report": report.summary(),
+        "path": str(path), "examples": len(features), "tokens": sum(lengths),
+        "mean_length": sum(lengths) / len(lengths), "longest": longest, "data_report": report.summary(),
         "padding_efficiency": {s: padding_efficiency(b) for s, b in out.items()},
     }
     return out, info
@@ -334,9 +337,6 @@ def build_and_warm(run: Run, builder: Callable[[], nn.Module], cfg: BenchConfig,
         run.error = f"{type(e).__name__}: {e}"[:500]
         run.step_fn = run.batches = None
         console.print(f"  failed: {run.error}", highlight=False)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def measure(runs: list[Run], cfg: BenchConfig, device: torch.device, hf_config, console) -> None:
@@ -393,6 +393,16 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def strategy_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Real data: tokens/s of each batching strategy over `pad-to-longest`, per (shape, method, backend)."""
+    reference = {(r["shape"], r["method"], r["backend"]): r["tokens_per_s"] for r in results
+                 if r["strategy"] == "pad-to-longest" and r.get("tokens_per_s")}
+    return [{"shape": r["shape"], "method": r["method"], "backend": r["backend"], "strategy": r["strategy"],
+             "ratio": r["tokens_per_s"] / reference[(r["shape"], r["method"], r["backend"])]}
+            for r in results if r.get("tokens_per_s") and r["strategy"] not in (None, "pad-to-longest")
+            and (r["shape"], r["method"], r["backend"]) in reference]
+
+
 # ---------------------------------------------------------------------------------------- machine, peak
 
 
@@ -445,6 +455,80 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+# ----------------------------------------------------------------------------------- checks for GPU runs
+
+
+def fast_path_agreement(shape: str = "gpt2", methods: tuple[str, ...] = METHODS, steps: int = 50, batch: int = 8,
+                        seq: int = 512, device: str = "auto", precision: str = "bf16", n_layer: int | None = None,
+                        seed: int = 0) -> dict[str, Any]:
+    """The reference and the fast path trained side by side from the same weights on the same batches (4
+    batches cycled, so the loss falls), every dropout off: with dropout the fast path draws other masks, by
+    design. Returns the per-step losses and their largest relative gap, per method."""
+    from .train import Dist, pick_device
+
+    dev = pick_device(device, Dist())
+    hf_config = gpt2_config(shape, n_layer, seq)
+    hf_config.resid_pdrop = hf_config.embd_pdrop = hf_config.attn_pdrop = 0.0
+    state = random_native_state(hf_config, dev, seed)
+    data = [synthetic_batch(batch, seq, seed + i) for i in range(4)]
+    for b in data:
+        b["labels"][:, : seq // 2] = -100  # a prompt half without labels, as answer-only QA
+    out: dict[str, Any] = {"max_rel_diff": {}, "shape": shape, "precision": precision, "steps": steps,
+                           "device": str(dev), "losses": {}}
+    for method in methods:
+        losses = {}
+        for backend in ("native", "native-fast"):
+            model = build_native(hf_config, state, dev, method)
+            for module in model.modules():  # LoRA's dropout too
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+            step = make_step(model, backend, method, dev, precision)
+            losses[backend] = [float(step(data[i % len(data)])) for i in range(steps)]
+            del model, step
+        out["max_rel_diff"][method] = max(abs(f - r) / abs(r) for r, f in zip(losses["native"], losses["native-fast"]))
+        out["losses"][method] = {"reference": losses["native"], "fast": losses["native-fast"]}
+    return out
+
+
+def sdpa_kernels(device: str = "auto", precision: str = "bf16", seq: int = 512) -> dict[str, Any]:
+    """Which attention kernels one training step of each backend runs (gpt2 widths, 2 layers, LoRA, dropout
+    as GPT-2: 0.1), from the profiler's op and kernel names; and whether the native step also runs with SDPA
+    restricted to the flash backend (which raises if flash cannot serve a call)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    from .train import Dist, pick_device
+
+    dev = pick_device(device, Dist())
+    hf_config = gpt2_config("gpt2", 2, seq)
+    state = random_native_state(hf_config, dev, 0)
+    batch = synthetic_batch(4, seq, 0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    pattern = ("flash", "efficient", "scaled_dot_product", "sdp", "fmha", "attention")
+    out: dict[str, Any] = {"device": str(dev), "precision": precision}
+    if dev.type == "cuda":
+        out["backends_enabled"] = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+                                   "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                                   "math": torch.backends.cuda.math_sdp_enabled(),
+                                   "cudnn": torch.backends.cuda.cudnn_sdp_enabled()}
+    for backend, builder in (("native", build_native), ("hf", build_hf)):
+        step = make_step(builder(hf_config, state, dev, "lora"), backend, "lora", dev, precision)
+        step(batch)
+        with profile(activities=activities) as prof:
+            step(batch)
+            _sync(dev)
+        out[backend] = sorted({e.key for e in prof.key_averages() if any(p in e.key.lower() for p in pattern)})
+        if backend == "native":
+            try:
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    step(batch)
+                    _sync(dev)
+                out["native_flash_only_step"] = "ok"
+            except RuntimeError as e:
+                out["native_flash_only_step"] = f"failed: {str(e)[:300]}"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -459,6 +543,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device, Dist())
+    machine = machine_info(device)  # at the start: the date and load average of the run's beginning
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     peak = measure_peak_flops(device, dtype)
     console.print(f"device {device}, measured {cfg.precision} matmul peak {peak / 1e12:.2f} TFLOP/s", highlight=False)
@@ -480,6 +565,10 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
             builder = build_hf if backend.startswith("hf") else build_native
             build_and_warm(run, lambda b=builder, m=method: b(hf_config, state, device, m), cfg, device,
                            strategy_batches[strategy], console)
+            if run.error:  # free what the failed configuration allocated (peft models hold reference cycles)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             runs.append(run)
         measure(runs, cfg, device, hf_config, console)
         results += [summarise(r, peak, cfg.real_data is None) for r in runs]
@@ -489,7 +578,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {
-        "machine": machine_info(device),
+        "machine": machine,
         "config": {**cfg.__dict__, "lora": LORA},
         "peak_flops": peak,
         "peak_memory_note": None if device.type == "cuda" else
@@ -497,6 +586,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
         "real_data": data_info,
         "results": results,
         "ratios": ratios(results),
+        "strategy_ratios": strategy_ratios(results),
     }
 
 
@@ -543,6 +633,9 @@ def bench_command(args) -> int:
     for r in report["ratios"]:
         console.print(f"{r['shape']}/{r['method']}{'/' + r['strategy'] if r['strategy'] else ''}: "
                       f"{r['native']} / {r['baseline']} = {r['ratio']:.2f}x tokens/s", highlight=False)
+    for r in report["strategy_ratios"]:
+        console.print(f"{r['shape']}/{r['method']}/{r['backend']}: {r['strategy']} / pad-to-longest = "
+                      f"{r['ratio']:.2f}x tokens/s", highlight=False)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -122,20 +122,22 @@ def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
         config_path.write_text(yaml.safe_dump(sweep.train_config(run, out / "runs" / run.name), sort_keys=False))
         load_config(config_path).resolve_defaults()
 
-    for i, run in enumerate(sweep.runs, start=1):
-        run_dir = out / "runs" / run.name
-        tag = f"[{i}/{len(sweep.runs)}] {run.name}"
-        if run.method != "zero-shot" and not (run_dir / "summary.json").is_file():
-            _log(f"{tag}: training (log: {run_dir / 'train.log'})")
-            _train(out / "configs" / f"{run.name}.yaml", run_dir)
-        if (run_dir / "eval" / "metrics.json").is_file():
-            _log(f"{tag}: done, skipped")
-            continue
-        _log(f"{tag}: evaluating on {sweep.eval['data']}")
-        _evaluate(sweep, run, run_dir)
+    try:
+        for i, run in enumerate(sweep.runs, start=1):
+            run_dir = out / "runs" / run.name
+            tag = f"[{i}/{len(sweep.runs)}] {run.name}"
+            if run.method != "zero-shot" and not (run_dir / "summary.json").is_file():
+                _log(f"{tag}: training (log: {run_dir / 'train.log'})")
+                _train(out / "configs" / f"{run.name}.yaml", run_dir)
+                _record_invocation(out / "sweep.json", started)
+            if (run_dir / "eval" / "metrics.json").is_file():
+                _log(f"{tag}: done, skipped")
+                continue
+            _log(f"{tag}: evaluating on {sweep.eval['data']}")
+            _evaluate(sweep, run, run_dir)
+            _record_invocation(out / "sweep.json", started)
+    finally:
         _record_invocation(out / "sweep.json", started)
-
-    _record_invocation(out / "sweep.json", started)
     results = collect_results(sweep, out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report = write_report(results, out)
@@ -190,7 +192,8 @@ def collect_results(sweep: Sweep, out: Path) -> dict[str, Any]:
         row: dict[str, Any] = {"name": run.name, "model": run.model, "method": run.method, "rank": run.rank,
                                "seed": run.seed, "eval": {k: v for k, v in metrics.items()
                                                           if k not in ("generation", "template", "source")}}
-        row["quality_stderr"] = _stderr(run_dir / "eval" / "predictions.jsonl", "f1" if task == "qa" else "bleu")
+        row["quality_stderr"], row["empty_predictions"] = _prediction_stats(run_dir / "eval" / "predictions.jsonl",
+                                                                            "f1" if task == "qa" else "bleu")
         if run.method != "zero-shot":
             summary = json.loads((run_dir / "summary.json").read_text())
             row.update({k: summary.get(k) for k in ("trainable_params", "total_params", "trainable_percent",
@@ -198,8 +201,9 @@ def collect_results(sweep: Sweep, out: Path) -> dict[str, Any]:
                                                     "best_val_loss", "steps", "early_stopped")})
             row["result_bytes"] = _weights_size(run_dir / ("adapter" if run.method == "lora" else "model"))
             config = yaml.safe_load((run_dir / "config.yaml").read_text())
-            row["config"] = {"train": {k: config["train"][k] for k in ("epochs", "max_steps", "batch_size", "lr",
-                                                                      "schedule", "warmup_steps")},
+            row["config"] = {"train": {k: config["train"][k] for k in ("epochs", "max_steps", "batch_size",
+                                                                      "grad_accum", "lr", "schedule",
+                                                                      "warmup_steps")},
                              "data": {k: config["data"][k] for k in ("train", "val", "val_fraction", "max_length",
                                                                      "max_examples", "template")},
                              "lora": config["lora"] if run.method == "lora" else None}
@@ -223,13 +227,15 @@ def _weights_size(result: Path) -> int:
     return sum(f.stat().st_size for pattern in patterns for f in result.glob(pattern))
 
 
-def _stderr(predictions: Path, key: str) -> float | None:
-    """Standard error of the mean per-input score, in points: the sampling noise of a test-set mean.
+def _prediction_stats(predictions: Path, key: str) -> tuple[float | None, int]:
+    """The standard error of the mean per-input score, in points (the sampling noise of a test-set mean),
+    and how many predictions are empty (a model that stops at once scores 0 for a reason worth seeing).
     Per-input EM/F1 are fractions (metrics.per_example_qa), sentence BLEU already a percentage."""
     scale = 100.0 if key in ("em", "f1") else 1.0
-    scores = [json.loads(line)["scores"][key] for line in predictions.read_text().splitlines() if line]
-    values = [scale * v for v in scores if v is not None]
-    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line]
+    values = [scale * row["scores"][key] for row in rows if row["scores"][key] is not None]
+    stderr = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+    return stderr, sum(not row["prediction"] for row in rows)
 
 
 def _write_slices(sweep: Sweep, data_dir: Path) -> dict[str, str]:
@@ -270,8 +276,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _record_invocation(path: Path, started: float) -> None:
-    """This invocation's wall time so far, updated after every run: the report states the sweep's total wall
-    time even when it took several invocations (a killed one counts up to its last finished run)."""
+    """This invocation's wall time so far, updated after every training and evaluation: the report states the
+    sweep's total wall time even when it took several invocations (a killed one counts up to its last
+    finished step)."""
     record = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
     stamp = datetime.fromtimestamp(started, timezone.utc).isoformat()
     record["invocations"] = [i for i in record["invocations"] if i["started"] != stamp]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from .batching import DEFAULT_TEMPLATE, PromptTemplate, encode_dataset
 from .data import DataReport, QAExample, group_references, load_examples
@@ -30,7 +31,7 @@ from .generation import GenerationConfig
 from .inference import answer_questions, load_for_inference
 from .metrics import bleu, generation_scores, per_example_qa, qa_scores, rouge_l
 from .model import Decoder
-from .run_config import RunConfig, load_config
+from .run_config import RunConfig
 from .train import SAMPLE_DATA, evaluate_loss
 
 TASKS = ("auto", "qa", "nlg")
@@ -79,9 +80,9 @@ def evaluate(
     on a slow machine it can cost as much as generating, and training's validation loss measures the same.
     """
     start = time.perf_counter()
-    run = _run_config(source)
-    template = template or (run.data.template if run else DEFAULT_TEMPLATE)
-    max_length = max_length or (run.data.max_length if run else _DEFAULT_MAX_LENGTH)
+    run = _run_data(source)
+    template = template or (run or {}).get("template") or DEFAULT_TEMPLATE
+    max_length = max_length or (run or {}).get("max_length") or _DEFAULT_MAX_LENGTH
     generation = generation or GenerationConfig(max_new_tokens=32)
     data_path = resolve_data(data)
     task = resolve_task(task, fmt, data_path)
@@ -148,10 +149,11 @@ def generation_metrics(model: torch.nn.Module, tokenizer, examples: list[QAExamp
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def _run_config(source: str | os.PathLike) -> RunConfig | None:
-    """The training config of a run directory (None for a model source)."""
+def _run_data(source: str | os.PathLike) -> dict[str, Any] | None:
+    """The `data` section of a run directory's config.yaml (None for a model source), read as plain YAML:
+    evaluating a run must not fail because it was trained by a qatune that knows other config keys."""
     path = Path(source) / "config.yaml"
-    return load_config(path) if path.is_file() else None
+    return (yaml.safe_load(path.read_text()) or {}).get("data", {}) if path.is_file() else None
 
 
 def _answer_loss(model: Decoder, tokenizer, examples: list[QAExample], template: PromptTemplate, max_length: int,

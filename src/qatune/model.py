@@ -129,9 +129,9 @@ class FastDropout(nn.Dropout):
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
-    """softmax(q k^T / sqrt(d), masked) v with the two matmuls in the input dtype and the softmax in fp32
-    (what flash attention computes on a GPU). On CPU, SDPA with dropout falls back to a path that upcasts
-    bf16 to fp32 matmuls (about 8x slower here) and draws its mask with `bernoulli_`. `mask`: bool
+    """softmax(q k^T / sqrt(d), masked) v with the two matmuls in the input dtype (bf16 under autocast, as
+    SDPA's CUDA kernels run them) and the softmax in fp32. On CPU, SDPA with dropout falls back to a path that
+    upcasts bf16 to fp32 matmuls (about 8x slower) and draws its mask with `bernoulli_`. `mask`: bool
     `[B, 1, T, S]`, True = may attend; None = causal."""
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if mask is None:
@@ -191,9 +191,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
         return d_hidden, d_weight, None, None, None, None, None
 
 
-# Rows of logits per chunk: ~32 MiB of fp32 logits on CPU (stays in cache), ~2 GiB on GPUs (keeps the matmuls
-# large) -- in elements of fp32 logits.
-_LOSS_CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**29}
+# Logits per chunk, in elements: 32 MiB of fp32 on CPU (about the L3 cache), 512 MiB on GPUs (for GPT-2's
+# vocabulary, 2,670 rows: matmuls still large, a few chunks for a 16 x 512 batch).
+_LOSS_CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**27}
 
 
 def chunked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:

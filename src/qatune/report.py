@@ -139,8 +139,9 @@ def verdict(configs: list[Config], task: str) -> str:
         says.append(f"Conclusion: neither method beats the untrained model by more than the noise, so this "
                     f"sweep cannot tell whether LoRA is worth it; train longer or on more data.")
     elif gap >= -noise:
-        lead = "ahead by" if gap > noise else "within the noise of"
-        says.append(f"Conclusion: LoRA {lora.label.split()[-1]} is {lead} full fine-tuning "
+        lead = f"ahead of full fine-tuning by {gap:.1f} points" if gap > noise else \
+            "within the noise of full fine-tuning"
+        says.append(f"Conclusion: {lora.label} is {lead} "
                     f"({_percent(relative)} of its {name}) with {_percent(_ratio(lora, full, 'trainable_params'))} "
                     f"of the trainable parameters and {_fraction(_ratio(lora, full, 'result_bytes'))} of the disk; "
                     f"on this data LoRA is worth it.")
@@ -211,6 +212,8 @@ def _header(results: dict[str, Any]) -> list[str]:
         "- Peak memory is the training process's peak resident set on CPU, peak allocated memory on CUDA. "
         "Result size: the saved weights and their config (adapter for LoRA, whole model for full), without "
         "tokenizer files. Test loss: teacher-forced, answer tokens only.",
+        "- The verdict calls a difference noise when it is under two standard errors (test-set sampling error "
+        "from the per-input scores, plus the spread over seeds when there are several).",
         "",
     ]
     return lines
@@ -224,7 +227,7 @@ def _short(path: Any) -> str:
 
 def _table(configs: list[Config], columns: list[tuple[str, str]]) -> list[str]:
     head = ["method", "trainable params", "%", "result size", "peak memory", "train time", "tokens/s",
-            "best val loss", "test loss", *(title for _, title in columns)]
+            "best val loss", "test loss", *(title for _, title in columns), "empty answers"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in configs:
         trained = c.method != "zero-shot"
@@ -238,7 +241,8 @@ def _table(configs: list[Config], columns: list[tuple[str, str]]) -> list[str]:
                  _num(c, "best_val_loss", lambda v: f"{v:.3f}") if trained else "-",
                  _num(c, "loss", lambda v: f"{v:.3f}"),
                  *(_num(c, key, lambda v: f"{v:.2f}" if key in ("nist", "cider") else f"{v:.1f}")
-                   for key, _ in columns)]
+                   for key, _ in columns),
+                 _num(c, "empty_predictions", lambda v: f"{v:.0f} / {c.rows[0]['eval']['inputs']}")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -291,10 +295,12 @@ def _plots(slug: str, configs: list[Config], metric: tuple[str, str], out: Path)
     for c in trained:
         for i, row in enumerate(c.rows):
             if row.get("val_curve"):
+                # x in training examples, not steps: the methods' recipes use different batch sizes
+                per_step = row["config"]["train"]["batch_size"] * row["config"]["train"]["grad_accum"]
                 steps, losses = zip(*row["val_curve"])
-                ax.plot(steps, losses, marker="o", markersize=3, label=c.label if i == 0 else None,
-                        color=f"C{trained.index(c)}")
-    ax.set(xlabel="optimizer step", ylabel="validation loss", title="Validation loss (answer tokens)")
+                ax.plot([s * per_step for s in steps], losses, marker="o", markersize=3,
+                        label=c.label if i == 0 else None, color=f"C{trained.index(c)}")
+    ax.set(xlabel="training examples seen", ylabel="validation loss", title="Validation loss (answer tokens)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / names[0], dpi=120)

@@ -74,6 +74,7 @@ class TrainSection:
     eval_generate: int = 0  # examples of the validation set to answer by generation at each evaluation
     packing: bool = False
     fsdp: bool = False  # with torchrun, full fine-tuning: shard weights/grads/optimizer state (models that do not fit)
+    fast_path: bool = True  # native: chunked LM-head loss, CPU-fast dropout/attention (Decoder.set_fast_path)
     compile: bool = False
     gradient_checkpointing: bool = False
     log_every: int = 1

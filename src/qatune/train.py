@@ -112,7 +112,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
-    return model
+    return model.set_fast_path(cfg.train.fast_path)  # after LoRA, so LoRA's dropout is switched too
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -240,6 +240,9 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
     # --- model and optimizer
     if t.fsdp and (cfg.method != "full" or cfg.backend != "native"):
         raise QatuneError("train.fsdp=true is for method=full with backend=native (LoRA's base is frozen: use DDP)")
+    if t.fsdp and d.world > 1 and t.eval_generate:
+        raise QatuneError("train.eval_generate needs the whole model on rank 0; it does not combine with train.fsdp "
+                          "(evaluate the result with `qatune eval` instead)")
     model = build_model(cfg, device)
     trainable, total, percent = count_parameters(model)
     console(format_parameter_count(model))
