@@ -108,6 +108,9 @@ def test_verdict_follows_the_numbers():
 
     behind = _config("lora", 8, [37.5, 37.5], 460_000, 1_800_000)
     assert "full fine-tuning wins by 3.5 points, but LoRA keeps 91%" in verdict([zero, full, behind], "qa")
+    unresolved = [_config("full", None, [41.0], 135_000_000, 540_000_000, stderr=3.0),
+                  _config("lora", 8, [36.0], 460_000, 1_800_000, stderr=3.0)]
+    assert "cannot separate the two" in verdict([zero, *unresolved], "qa")
     far = _config("lora", 8, [10.0, 12.0], 460_000, 1_800_000)
     assert "LoRA reaches only 27%" in verdict([zero, full, far], "qa")
     flat = _config("full", None, [2.5], 135_000_000, 540_000_000)

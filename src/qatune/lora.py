@@ -111,9 +111,13 @@ class LoRALinear(nn.Module):
         pieces, done = [], 0
         for name, part in self.parts.items():
             delta = ((h @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scaling(name)).to(out.dtype)
-            pieces += [out[..., done:part.rows.start], out[..., part.rows] + delta]
+            if part.rows.start > done:
+                pieces.append(out[..., done:part.rows.start])
+            pieces.append(out[..., part.rows] + delta)
             done = part.rows.stop
-        return torch.cat([*pieces, out[..., done:]], dim=-1)
+        if done < out.shape[-1]:
+            pieces.append(out[..., done:])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)  # whole layer: no extra copy
 
     @torch.no_grad()
     def merge(self) -> None:

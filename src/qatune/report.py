@@ -129,22 +129,28 @@ def verdict(configs: list[Config], task: str) -> str:
         spread = max(quality[c.label] for c in loras) - min(quality[c.label] for c in loras)
         says.append(f"Across LoRA ranks {name} spans {spread:.1f} points "
                     f"({'within' if spread <= noise else 'beyond'} the noise of ±{noise:.1f}).")
-    costs = _costs(lora, full)
     says.append(f"Best LoRA ({lora.label}) versus full fine-tuning: {gap:+.1f} points "
-                f"({_percent(relative)} of full's {name}), {costs}.")
+                f"({_percent(relative)} of full's {name}), {_costs(lora, full)}.")
 
     top = lora if lq >= fq else full
-    if zero is not None and quality[top.label] - quality[zero.label] <= 2 * math.hypot(zero.stderr(key),
-                                                                                       top.stderr(key)):
+    learned = zero is None or quality[top.label] - quality[zero.label] > 2 * math.hypot(zero.stderr(key),
+                                                                                        top.stderr(key))
+    if not learned:
         says.append(f"Conclusion: neither method beats the untrained model by more than the noise, so this "
                     f"sweep cannot tell whether LoRA is worth it; train longer or on more data.")
-    elif gap >= -noise:
+    elif gap > noise or (gap >= -noise and relative >= CLOSE_ENOUGH):
         lead = f"ahead of full fine-tuning by {gap:.1f} points" if gap > noise else \
             "within the noise of full fine-tuning"
         says.append(f"Conclusion: {lora.label} is {lead} "
                     f"({_percent(relative)} of its {name}) with {_percent(_ratio(lora, full, 'trainable_params'))} "
                     f"of the trainable parameters and {_fraction(_ratio(lora, full, 'result_bytes'))} of the disk; "
                     f"on this data LoRA is worth it.")
+    elif gap >= -noise:
+        says.append(f"Conclusion: full fine-tuning leads by {-gap:.1f} points (LoRA reaches {_percent(relative)}), "
+                    f"but that is inside the noise of ±{noise:.1f}, so this sweep cannot separate the two; at "
+                    f"{_fraction(_ratio(lora, full, 'result_bytes'))} of the disk and "
+                    f"{_times(_ratio(lora, full, 'peak_memory_bytes'))} the memory LoRA is the better buy unless more "
+                    f"test data or seeds confirm the gap.")
     elif relative >= CLOSE_ENOUGH:
         says.append(f"Conclusion: full fine-tuning wins by {-gap:.1f} points, but LoRA keeps {_percent(relative)} "
                     f"of its {name}: LoRA is worth it when its savings ({_fraction(_ratio(lora, full, 'result_bytes'))}"
