@@ -48,3 +48,22 @@ def gpt2_tokenizer_dir() -> Path:
     if not (GPT2_TOKENIZER_DIR / "vocab.json").is_file():
         pytest.skip(f"GPT-2 tokenizer not found at {GPT2_TOKENIZER_DIR}")
     return GPT2_TOKENIZER_DIR.resolve()
+
+
+@pytest.fixture(scope="session")
+def qa_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
+    """A small random GPT-2 (width 32, 2 layers, 128 positions) with the real GPT-2 tokenizer beside it, for
+    training, evaluation and sweep tests. Dropout is 0 so that runs differing only in how the work is split
+    (DDP, backends) see identical computations; tests that need dropout set it on a copy."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("qa-gpt2")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(gpt2_tokenizer_dir / f, path)
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,29 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 import yaml
 
 from qatune.compare import load_sweep
 from qatune.errors import QatuneError
 from qatune.report import Config, verdict
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
-GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    if not GPT2_TOKENIZER.is_dir():
-        pytest.skip("../shared/tokenizers/gpt2 not present")
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128)
-                                 ).save_pretrained(path)
-    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(GPT2_TOKENIZER / f, path)
-    return path
 
 
 def _sweep(tmp_path: Path, model: Path) -> Path:
@@ -55,10 +37,10 @@ def _compare(sweep: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "qatune", "compare", str(sweep), "--out", str(out)]
 
 
-def test_sweep_resumes_after_sigkill_and_reports(tiny_model, tmp_path):
-    sweep, out = _sweep(tmp_path, tiny_model), tmp_path / "out"
+def test_sweep_resumes_after_sigkill_and_reports(qa_gpt2_dir, tmp_path):
+    sweep, out = _sweep(tmp_path, qa_gpt2_dir), tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    first = out / "runs" / f"{tiny_model.name}-full-s0"
+    first = out / "runs" / f"{qa_gpt2_dir.name}-full-s0"
     proc = subprocess.Popen(_compare(sweep, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (first / "summary.json").is_file():
@@ -77,18 +59,19 @@ def test_sweep_resumes_after_sigkill_and_reports(tiny_model, tmp_path):
 
     runs = ["zero-shot", "full-s0", "lora-r4-s0"]
     for name in runs:
-        assert (out / "runs" / f"{tiny_model.name}-{name}" / "eval" / "metrics.json").is_file()
+        assert (out / "runs" / f"{qa_gpt2_dir.name}-{name}" / "eval" / "metrics.json").is_file()
     results = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in results["runs"]] == [f"{tiny_model.name}-{n}" for n in runs]
+    assert [r["name"] for r in results["runs"]] == [f"{qa_gpt2_dir.name}-{n}" for n in runs]
     lora = results["runs"][2]
-    assert lora["rank"] == 4 and lora["steps"] == 3 and lora["trainable_params"] < results["runs"][1]["trainable_params"]
+    assert lora["rank"] == 4 and lora["steps"] == 3
+    assert lora["trainable_params"] < results["runs"][1]["trainable_params"]
     assert len(lora["val_curve"]) == 3 and results["invocations"] == 2
 
     report = (out / "report.md").read_text()
     assert "| LoRA r=4 |" in report and "| full |" in report and "| zero-shot |" in report
     assert "### Verdict" in report and "Conclusion:" in report and "torch " in report
     for png in ("val-loss", "quality-vs-params", "cost"):
-        name = f"{tiny_model.name}-{png}.png"
+        name = f"{qa_gpt2_dir.name}-{png}.png"
         assert f"]({name})" in report and (out / name).stat().st_size > 1000
 
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from qatune.cli import main
 from qatune.data import group_references, load_examples
@@ -19,22 +17,7 @@ from qatune.run_config import load_config
 from qatune.train import SAMPLE_DATA, train_model
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
-GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
 E2E_TEST = SHARED / "data" / "e2e" / "test.txt"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random GPT-2 (width 32, 2 layers) with the real GPT-2 tokenizer."""
-    if not GPT2_TOKENIZER.is_dir():
-        pytest.skip("../shared/tokenizers/gpt2 not present")
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(GPT2_TOKENIZER / f, path)
-    return path
 
 
 def _read(out: Path) -> tuple[dict, list[dict]]:
@@ -42,10 +25,10 @@ def _read(out: Path) -> tuple[dict, list[dict]]:
     return json.loads((out / "metrics.json").read_text()), rows
 
 
-def test_qa_metrics_match_predictions(tiny_model, tmp_path):
+def test_qa_metrics_match_predictions(qa_gpt2_dir, tmp_path):
     out = tmp_path / "eval"
     # Through the CLI: the subcommand, its flags and the `sample-test` alias are part of what is tested.
-    assert main(["eval", str(tiny_model), "--data", "sample-test", "--out", str(out), "--max-examples", "20",
+    assert main(["eval", str(qa_gpt2_dir), "--data", "sample-test", "--out", str(out), "--max-examples", "20",
                  "--max-new-tokens", "4"]) == 0
     metrics, rows = _read(out)
     test = load_examples(SAMPLE_DATA / "facts_test.jsonl")[:20]
@@ -59,7 +42,7 @@ def test_qa_metrics_match_predictions(tiny_model, tmp_path):
     assert metrics["generation"]["max_new_tokens"] == 4
 
 
-def test_an_answer_that_is_right_scores_right(tiny_model, tmp_path, monkeypatch):
+def test_an_answer_that_is_right_scores_right(qa_gpt2_dir, tmp_path, monkeypatch):
     """Scoring path end to end with known answers: the model 'answers' each question's first alias."""
     test = load_examples(SAMPLE_DATA / "facts_test.jsonl")[:6]
     truth = {ex.question: ex.aliases[0] for ex in test}
@@ -68,17 +51,17 @@ def test_an_answer_that_is_right_scores_right(tiny_model, tmp_path, monkeypatch)
     monkeypatch.setattr(ev, "answer_questions",
                         lambda model, tok, questions, **kw: [truth[q] if i % 2 else "wrong" for i, q in
                                                              enumerate(questions)])
-    metrics = evaluate(tiny_model, "sample-test", out_dir=tmp_path, max_examples=6, batch_size=6)
+    metrics = evaluate(qa_gpt2_dir, "sample-test", out_dir=tmp_path, max_examples=6, batch_size=6)
     _, rows = _read(tmp_path)
     # Batches are ordered by length, so which questions got the right answer is read back from the rows.
     right = sum(r["prediction"] == truth[r["input"]] for r in rows)
     assert right == 3 and metrics["em"] == pytest.approx(50.0)
 
 
-def test_nlg_generates_once_per_input_with_grouped_references(tiny_model, tmp_path):
+def test_nlg_generates_once_per_input_with_grouped_references(qa_gpt2_dir, tmp_path):
     if not E2E_TEST.is_file():
         pytest.skip("../shared/data/e2e not present")
-    metrics = evaluate(tiny_model, E2E_TEST, out_dir=tmp_path, max_examples=3,
+    metrics = evaluate(qa_gpt2_dir, E2E_TEST, out_dir=tmp_path, max_examples=3,
                        generation=GenerationConfig(max_new_tokens=6), template="{question} || {answer}")
     _, rows = _read(tmp_path)
     groups = group_references(load_examples(E2E_TEST))[:3]
@@ -97,14 +80,14 @@ def test_task_resolution():
     assert resolve_task("qa", "e2e", "x/test.txt") == "qa"
 
 
-def test_early_stopping_on_generated_f1(tiny_model, tmp_path):
+def test_early_stopping_on_generated_f1(qa_gpt2_dir, tmp_path):
     """train.eval_generate + early_stop_metric=f1, end to end: every question's answer is "yes", which even a
     tiny random model learns within a few steps, so F1 rises from 0 and then stops improving. Training must
     stop `patience` evaluations after the last improvement and keep that evaluation's step as the best."""
     data = tmp_path / "yes.jsonl"
     questions = [ex.question for ex in load_examples(SAMPLE_DATA / "facts_train.jsonl")[:80]]
     data.write_text("".join(json.dumps({"question": q, "answer": "yes"}) + "\n" for q in questions))
-    cfg = load_config(None, [f"model={tiny_model}", "method=full", f"data.train={data}", "train.epochs=30",
+    cfg = load_config(None, [f"model={qa_gpt2_dir}", "method=full", f"data.train={data}", "train.epochs=30",
                              "train.batch_size=8", "train.lr=0.05", "train.schedule=constant", "train.eval_every=1",
                              "train.eval_generate=8", "train.early_stop_metric=f1", "train.patience=4",
                              "train.progress=false", f"out={tmp_path / 'run'}"])
@@ -117,10 +100,10 @@ def test_early_stopping_on_generated_f1(tiny_model, tmp_path):
     assert summary["best_metric"] == {"f1": f1s[best][1]} and summary["best_step"] == f1s[best][0]
 
 
-def test_generation_metrics_keys(tiny_model):
+def test_generation_metrics_keys(qa_gpt2_dir):
     from qatune import load_model, load_tokenizer
 
-    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+    model, tok = load_model(qa_gpt2_dir), load_tokenizer(qa_gpt2_dir)
     examples = load_examples(SAMPLE_DATA / "facts_test.jsonl")[:3]
-    scores = generation_metrics(model, tok, examples, "Question: {question}\nAnswer: {answer}", None)
+    scores = generation_metrics(model, tok, examples, "Question: {question}\nAnswer: {answer}")
     assert set(scores) == {"em", "f1"}

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
 from qatune import load_model
@@ -22,35 +21,17 @@ from qatune.data import load_examples
 from qatune.run_config import load_config
 from qatune.train import SAMPLE_DATA, train_model
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
-GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
 
 
 def _train_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random GPT-2 with the real GPT-2 tokenizer, dropout 0 (DDP and backend parity need identical masks)."""
-    if not GPT2_TOKENIZER.is_dir():
-        pytest.skip("../shared/tokenizers/gpt2 not present")
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(GPT2_TOKENIZER / f, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_dropout_model_dir(tmp_path_factory, tiny_model_dir):
-    """Same, with GPT-2's default dropout 0.1: exact resume must restore the RNG that draws the masks."""
+def tiny_dropout_model_dir(tmp_path_factory, qa_gpt2_dir):
+    """`qa_gpt2_dir` with GPT-2's default dropout 0.1: exact resume must restore the RNG that draws the masks."""
     path = tmp_path_factory.mktemp("tiny-gpt2-dropout")
-    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
+    shutil.copytree(qa_gpt2_dir, path, dirs_exist_ok=True)
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     (path / "config.json").write_text(json.dumps(cfg))
@@ -95,9 +76,9 @@ def test_exact_resume_after_sigkill(tiny_dropout_model_dir, tmp_path, method):
         assert abs(resumed[step] - loss) <= 1e-6, (step, resumed[step], loss)
 
 
-def test_early_stopping_stops_where_patience_says_and_keeps_best(tiny_model_dir, tmp_path):
+def test_early_stopping_stops_where_patience_says_and_keeps_best(qa_gpt2_dir, tmp_path):
     # A learning rate far too high makes validation loss rise after the first evaluations.
-    cfg = load_config(None, [f"model={tiny_model_dir}", "method=full", "data.train=sample", "train.epochs=50",
+    cfg = load_config(None, [f"model={qa_gpt2_dir}", "method=full", "data.train=sample", "train.epochs=50",
                              "train.batch_size=8", "train.lr=0.05", "train.schedule=constant", "train.eval_every=3",
                              "train.patience=2", "train.progress=false", f"out={tmp_path}"])
     summary = train_model(cfg)
@@ -124,11 +105,11 @@ def test_early_stopping_stops_where_patience_says_and_keeps_best(tiny_model_dir,
     assert torch.equal(result["transformer.h.0.mlp.c_fc.weight"], kept["blocks.0.mlp.up.weight"].t())
 
 
-def test_packed_and_unpacked_losses_are_equal(tiny_model_dir):
-    model = load_model(tiny_model_dir)
+def test_packed_and_unpacked_losses_are_equal(qa_gpt2_dir):
+    model = load_model(qa_gpt2_dir)
     from qatune import load_tokenizer
 
-    tok = load_tokenizer(tiny_model_dir)
+    tok = load_tokenizer(qa_gpt2_dir)
     examples = load_examples(SAMPLE_DATA / "facts_train.jsonl")[:24]
     for answer_only in (True, False):
         feats = encode_dataset(tok, examples, PromptTemplate(), 128, answer_only=answer_only)
@@ -142,9 +123,9 @@ def test_packed_and_unpacked_losses_are_equal(tiny_model_dir):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_two_processes_match_one_process(tiny_model_dir, tmp_path, mode):
+def test_torchrun_two_processes_match_one_process(qa_gpt2_dir, tmp_path, mode):
     """2 gloo processes x batch 4 == 1 process x batch 4 x grad_accum 2 (same global batch of 8)."""
-    common = [f"model={tiny_model_dir}", "method=full", "data.train=sample", "train.max_steps=6",
+    common = [f"model={qa_gpt2_dir}", "method=full", "data.train=sample", "train.max_steps=6",
               "train.epochs=1", "train.progress=false", "train.lr=1e-3", "train.eval_every=3"]
     one = tmp_path / "one"
     subprocess.run(_cli(common + ["train.batch_size=4", "train.grad_accum=2", f"out={one}"]),
@@ -168,8 +149,8 @@ def test_torchrun_two_processes_match_one_process(tiny_model_dir, tmp_path, mode
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_hf_backend_and_native_backend_give_the_same_losses(tiny_model_dir, tmp_path, method):
-    common = [f"model={tiny_model_dir}", f"method={method}", "data.train=sample", "train.max_steps=5",
+def test_hf_backend_and_native_backend_give_the_same_losses(qa_gpt2_dir, tmp_path, method):
+    common = [f"model={qa_gpt2_dir}", f"method={method}", "data.train=sample", "train.max_steps=5",
               "train.progress=false", "train.lr=1e-3", "train.batch_size=4", "lora.dropout=0.0"]
     runs = {}
     for backend in ("native", "hf"):
@@ -183,15 +164,15 @@ def test_hf_backend_and_native_backend_give_the_same_losses(tiny_model_dir, tmp_
         assert abs(runs["native"][s] - runs["hf"][s]) <= 1e-4, (s, runs["native"][s], runs["hf"][s])
 
 
-def test_malformed_jsonl_fails_with_file_and_line(tmp_path, tiny_model_dir):
+def test_malformed_jsonl_fails_with_file_and_line(tmp_path, qa_gpt2_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": \n')
-    res = subprocess.run(_cli([f"model={tiny_model_dir}", f"data.train={bad}", f"out={tmp_path / 'o'}"]),
+    res = subprocess.run(_cli([f"model={qa_gpt2_dir}", f"data.train={bad}", f"out={tmp_path / 'o'}"]),
                          capture_output=True, text=True, env=_train_env())
     assert res.returncode == 2 and f"{bad}:2" in res.stderr
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"question": "a?", "reply": "b"}\n')
-    res = subprocess.run(_cli([f"model={tiny_model_dir}", f"data.train={missing}", f"out={tmp_path / 'o'}"]),
+    res = subprocess.run(_cli([f"model={qa_gpt2_dir}", f"data.train={missing}", f"out={tmp_path / 'o'}"]),
                          capture_output=True, text=True, env=_train_env())
     assert res.returncode == 2 and "answer" in res.stderr and f"{missing}:1" in res.stderr
 

@@ -563,7 +563,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
             name = "/".join(x for x in (shape, method, backend, strategy) if x)
             run = Run(name, shape, method, backend, strategy)
             builder = build_hf if backend.startswith("hf") else build_native
-            build_and_warm(run, lambda b=builder, m=method: b(hf_config, state, device, m), cfg, device,
+            build_and_warm(run, lambda b=builder, m=method, s=state: b(hf_config, s, device, m), cfg, device,
                            strategy_batches[strategy], console)
             if run.error:  # free what the failed configuration allocated (peft models hold reference cycles)
                 gc.collect()

@@ -212,7 +212,8 @@ def collect_results(sweep: Sweep, out: Path) -> dict[str, Any]:
                                 if e.get("event") == "eval" and "val_loss" in e]
         rows.append(row)
     invocations = json.loads((out / "sweep.json").read_text())["invocations"]
-    return {"sweep": sweep.name, "environment": environment(), "sweep_file": str(sweep.path), "description": sweep.description, "task": task,
+    return {"sweep": sweep.name, "environment": environment(), "sweep_file": str(sweep.path),
+            "description": sweep.description, "task": task,
             "eval": ev, "base": sweep.base, "slices": sweep.slices,
             "seeds": sorted({r.seed for r in sweep.runs if r.seed is not None}),
             "wall_time_s": sum(i["elapsed_s"] for i in invocations), "invocations": len(invocations),

@@ -125,13 +125,12 @@ def evaluate(
 
 
 def generation_metrics(model: torch.nn.Module, tokenizer, examples: list[QAExample], template: str | PromptTemplate,
-                       device: torch.device | None = None, task: str = "qa") -> dict[str, float]:
+                       task: str = "qa") -> dict[str, float]:
     """Generation quality during training (`train.eval_generate`): `em`/`f1` (QA) or the NLG metrics.
 
-    The keys are what `train.early_stop_metric` reads. `device` is accepted for the trainer's call but the
-    model already sits where it runs. Greedy decoding, as the quick in-training signal it is meant to be.
+    The keys are what `train.early_stop_metric` reads. Greedy decoding, on the model's own device, as the
+    quick in-training signal it is meant to be.
     """
-    del device  # generation runs on the model's own device
     if not isinstance(model, Decoder):
         raise QatuneError("train.eval_generate needs backend=native (generation runs on qatune's Decoder)")
     template = template.template if isinstance(template, PromptTemplate) else template

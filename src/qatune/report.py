@@ -136,8 +136,8 @@ def verdict(configs: list[Config], task: str) -> str:
     learned = zero is None or quality[top.label] - quality[zero.label] > 2 * math.hypot(zero.stderr(key),
                                                                                         top.stderr(key))
     if not learned:
-        says.append(f"Conclusion: neither method beats the untrained model by more than the noise, so this "
-                    f"sweep cannot tell whether LoRA is worth it; train longer or on more data.")
+        says.append("Conclusion: neither method beats the untrained model by more than the noise, so this "
+                    "sweep cannot tell whether LoRA is worth it; train longer or on more data.")
     elif gap > noise or (gap >= -noise and relative >= CLOSE_ENOUGH):
         lead = f"ahead of full fine-tuning by {gap:.1f} points" if gap > noise else \
             "within the noise of full fine-tuning"
@@ -198,7 +198,8 @@ def _header(results: dict[str, Any]) -> list[str]:
                 + (f", GPU {env['gpu']}" if env["gpu"] else ", no GPU"))
     slices = "; ".join(f"`{name}` = lines {s.get('start', 0)}-{s.get('stop', 'end')} of `{s['source']}`"
                        for name, s in results["slices"].items())
-    validation = data.get("val") or f"{data.get('val_fraction', 0.1):.0%} of train, split by question with the run's seed"
+    validation = data.get("val") or \
+        f"{data.get('val_fraction', 0.1):.0%} of train, split by question with the run's seed"
     gen = ev.get("generation", {})
     lines = [f"# Is LoRA worth it? `{results['sweep']}`", ""]
     if results["description"]:
@@ -262,7 +263,8 @@ def _setup(configs: list[Config]) -> list[str]:
             continue
         row, cfg = c.rows[0], c.rows[0]["config"]
         t, lora = cfg["train"], cfg["lora"]
-        lora_text = f"alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, targets {lora['targets'] or 'default'}" if lora else "-"
+        lora_text = "-" if not lora else \
+            f"alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, targets {lora['targets'] or 'default'}"
         lines.append(f"| {c.label} | {t['epochs']} | {t['max_steps'] or '-'} | {row['steps']} | {t['batch_size']} "
                      f"| {t['lr']:g} | {t['schedule']} | {t['warmup_steps']} | {cfg['data']['max_length']} "
                      f"| {lora_text} |")

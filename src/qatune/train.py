@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
-from .batching import PromptTemplate, batches, collate, encode_dataset, plan_batches
+from .batching import PromptTemplate, batches, encode_dataset, plan_batches
 from .data import DataReport, QAExample, load_examples, split_train_val
 from .errors import QatuneError
 from .loading import load_model, parse_dtype
@@ -310,9 +309,10 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
             val_loss = evaluate_loss(model, val_feats, cfg, pad_id, device, autocast)
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
         if t.eval_generate and val_ex and d.main:
-            from .evaluate import generation_metrics
+            from .evaluate import generation_metrics, resolve_task
 
-            record.update(generation_metrics(model, tokenizer, val_ex[: t.eval_generate], template, device))
+            task = resolve_task("auto", cfg.data.format, str(cfg.data.train))
+            record.update(generation_metrics(model, tokenizer, val_ex[: t.eval_generate], template, task))
         if d.world > 1:  # every rank needs the metric for the same early-stopping decision
             payload = [record]
             dist.broadcast_object_list(payload, src=0)
