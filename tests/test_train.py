@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -193,3 +194,39 @@ def test_config_errors_name_the_key(tmp_path):
     presets = Path(__file__).resolve().parents[1] / "configs"
     for preset in presets.glob("*.yaml"):
         load_config(preset).resolve_defaults()  # every shipped preset is valid
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_and_learns(qa_gpt2_dir, tmp_path, precision):
+    """bf16 autocast, and fp16 autocast with a gradient scaler (CPU autocast here; CUDA in the GPU check)."""
+    cfg = load_config(None, [f"model={qa_gpt2_dir}", "method=full", "data.train=sample", "train.max_steps=12",
+                             "train.batch_size=8", "train.lr=1e-3", f"train.precision={precision}",
+                             "train.progress=false", f"out={tmp_path}"])
+    train_model(cfg)
+    losses = _losses(tmp_path)
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses[12] < losses[1]
+    state = torch.load((tmp_path / "checkpoints" / "last" / "state.pt"), weights_only=False)
+    assert state["scaler"] if precision == "fp16" else not state["scaler"]  # the scaler's state only when used
+
+
+def test_tensorboard_logs_the_same_events(qa_gpt2_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(None, [f"model={qa_gpt2_dir}", "method=lora", "data.train=sample", "train.max_steps=4",
+                             "train.tensorboard=true", "train.progress=false", f"out={tmp_path}"])
+    train_model(cfg)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [(s, pytest.approx(v, rel=1e-6)) for s, v in _losses(tmp_path).items()] == logged
+
+
+def test_base_dtype_bf16_keeps_lora_weights_fp32(qa_gpt2_dir, tmp_path):
+    from safetensors.torch import load_file as load
+
+    cfg = load_config(None, [f"model={qa_gpt2_dir}", "method=lora", "data.train=sample", "train.max_steps=3",
+                             "train.base_dtype=bf16", "train.progress=false", f"out={tmp_path}"])
+    train_model(cfg)
+    adapter = load(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
