@@ -294,6 +294,7 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
     higher_is_better = t.early_stop_metric != "val_loss"
 
     def save(best: bool) -> None:
+        state.train_time = time_before + time.perf_counter() - start  # so a resumed run's wall time adds up
         weights, optim_state = par.trainable_state(model), par.optimizer_state(model, optimizer)  # collective
         if d.main:
             ckpt.save_checkpoint(ckpt_root, state.step, weights, {
@@ -335,7 +336,7 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
 
     # --- train
     progress = _Progress(d.main and t.progress, total_steps, state.step)
-    start = time.perf_counter()
+    start, time_before = time.perf_counter(), state.train_time
     window_tokens, window_start = 0, time.perf_counter()
     while state.step < total_steps and not state.early_stopped:
         plan = epoch_plan(state.epoch)
@@ -346,19 +347,17 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
             step_batches = list(itertools.islice(micro, group))
             global_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in step_batches)
             mine = step_batches[d.rank::d.world]
-            loss_total = 0.0
+            loss_total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
             for i, batch in enumerate(mine):
                 with par.sync_context(loss_module, model, sync=i == len(mine) - 1), autocast():
                     loss_sum, _ = loss_module(_to_device(batch, device))
                     # DDP averages gradients over ranks; scale by world so the result is the global token mean.
                     loss = loss_sum * d.world / max(global_tokens, 1)
                 scaler.scale(loss).backward()
-                loss_total += loss_sum.item()
+                loss_total += loss_sum.detach()
                 window_tokens += int(batch["attention_mask"].sum())
             if d.world > 1:
-                lt = torch.tensor([loss_total], dtype=torch.float64, device=device)
-                dist.all_reduce(lt)
-                loss_total = float(lt)
+                dist.all_reduce(loss_total)
             if t.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
@@ -369,7 +368,7 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
             scheduler.step()
             state.step += 1
             state.micro_in_epoch += group
-            train_loss = loss_total / max(global_tokens, 1)
+            train_loss = loss_total.item() / max(global_tokens, 1)
             if state.step % t.log_every == 0 or state.step == total_steps:
                 now = time.perf_counter()
                 tps = window_tokens * d.world / max(now - window_start, 1e-9)
@@ -391,7 +390,7 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
             if not (t.eval_every and state.step % t.eval_every == 0) and run_eval():
                 state.early_stopped = True
     progress.close()
-    state.train_time += time.perf_counter() - start
+    state.train_time = time_before + time.perf_counter() - start
 
     # --- result: the best weights (or the last when nothing was evaluated)
     best = ckpt.latest(ckpt_root, "best")
