@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from qatune import load_model
@@ -230,3 +231,22 @@ def test_base_dtype_bf16_keeps_lora_weights_fp32(qa_gpt2_dir, tmp_path):
     train_model(cfg)
     adapter = load(tmp_path / "adapter" / "adapter_model.safetensors")
     assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
+
+
+def test_a_lora_run_answers_and_merges_from_the_cli(qa_gpt2_dir, tmp_path, capsys):
+    """The run directory is what users hand to `qatune ask` and `qatune merge`; the merged checkpoint loads in
+    transformers alone and computes what the run's base + adapter computes."""
+    from qatune.cli import main
+    from qatune.inference import load_for_inference
+
+    run = tmp_path / "run"
+    train_model(load_config(None, [f"model={qa_gpt2_dir}", "method=lora", "data.train=sample", "train.max_steps=3",
+                                   "lora.r=4", "train.lr=1e-2", "train.progress=false", f"out={run}"]))
+    assert main(["ask", str(run), "What is the capital of France?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()  # a (random model's) answer was printed
+    assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    model, _ = load_for_inference(run)
+    ids = torch.randint(0, 50257, (2, 11))
+    with torch.no_grad():
+        assert (merged(ids).logits - model(ids)).abs().max().item() <= 1e-4
