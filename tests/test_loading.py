@@ -26,6 +26,14 @@ def gpt2_dir(tmp_path):
     return tmp_path / "ckpt", model
 
 
+def _dir_with_config(src, parent, name):
+    """A new checkpoint directory holding only `src`'s config.json (the test writes the weights)."""
+    out = parent / name
+    out.mkdir()
+    shutil.copy(src / "config.json", out)
+    return out
+
+
 def _logits_equal(model, ref, atol=1e-4):
     x = torch.randint(0, 300, (2, 9))
     with torch.no_grad():
@@ -43,9 +51,7 @@ def test_sharded_safetensors(tmp_path):
 def test_pytorch_bin_without_transformer_prefix(gpt2_dir, tmp_path):
     """Old checkpoints: pytorch_model.bin, keys as GPT2Model saved them (the hub's `gpt2` has no prefix)."""
     src, ref = gpt2_dir
-    out = tmp_path / "bin"
-    out.mkdir()
-    shutil.copy(src / "config.json", out)
+    out = _dir_with_config(src, tmp_path, "bin")
     state = {k.removeprefix("transformer."): v for k, v in load_file(src / "model.safetensors").items()}
     state["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)  # legacy causal-mask buffer, ignored
     torch.save(state, out / "pytorch_model.bin")
@@ -55,9 +61,7 @@ def test_pytorch_bin_without_transformer_prefix(gpt2_dir, tmp_path):
 def test_bin_files_are_loaded_weights_only(gpt2_dir, tmp_path):
     """A pickle that would run code on load is refused (torch.load(weights_only=True))."""
     src, _ = gpt2_dir
-    out = tmp_path / "evil"
-    out.mkdir()
-    shutil.copy(src / "config.json", out)
+    out = _dir_with_config(src, tmp_path, "evil")
 
     class Evil:
         def __reduce__(self):
@@ -81,9 +85,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(gpt2_dir, tmp_path):
     del state["transformer.h.1.mlp.c_fc.weight"]
     state["transformer.h.0.attn.c_proj.weight"] = torch.zeros(3, 3)
     state["transformer.extra.weight"] = torch.zeros(1)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    shutil.copy(src / "config.json", bad)
+    bad = _dir_with_config(src, tmp_path, "bad")
     save_file(state, bad / "model.safetensors")
     with pytest.raises(QatuneError) as err:
         load_model(bad)
