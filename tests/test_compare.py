@@ -18,7 +18,6 @@ from qatune.errors import QatuneError
 from qatune.report import Config, verdict
 
 
-
 def _sweep(tmp_path: Path, model: Path) -> Path:
     sweep = {
         "name": "tiny", "models": [str(model)], "methods": ["full", "lora"], "ranks": [4], "seeds": [0],

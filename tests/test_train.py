@@ -24,7 +24,6 @@ from qatune.run_config import load_config
 from qatune.train import SAMPLE_DATA, train_model
 
 
-
 def _train_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
