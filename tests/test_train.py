@@ -249,3 +249,21 @@ def test_a_lora_run_answers_and_merges_from_the_cli(qa_gpt2_dir, tmp_path, capsy
     ids = torch.randint(0, 50257, (2, 11))
     with torch.no_grad():
         assert (merged(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_the_documented_keys_exist():
+    """The keys the issue names, with these names: accepted by the parser and listed in `train --help`."""
+    from qatune.run_config import describe_keys
+
+    keys = ("model method backend data.train data.val lora.r lora.alpha lora.dropout lora.targets train.epochs "
+            "train.max_steps train.batch_size train.grad_accum train.lr train.weight_decay train.warmup_steps "
+            "train.schedule train.precision train.seed train.eval_every train.save_every train.patience "
+            "train.packing out resume").split()
+    listed = {line.split(" = ")[0].strip() for line in describe_keys().splitlines()}
+    assert set(keys) <= listed
+    values = {"method": "full", "backend": "hf", "lora.targets": "q,v", "train.schedule": "linear",
+              "train.precision": "bf16", "train.packing": "true", "resume": "true", "lora.dropout": "0.05",
+              "lora.alpha": "32", "train.lr": "1e-4", "train.weight_decay": "0.1"}
+    cfg = load_config(None, [f"{k}={values.get(k, '3' if k.startswith(('train', 'lora')) else 'x')}" for k in keys])
+    cfg.resolve_defaults()
+    assert cfg.lora.targets == ["q", "v"] and cfg.train.packing is True and cfg.train.epochs == 3

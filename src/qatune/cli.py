@@ -48,9 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qatune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from .run_config import describe_keys
+
     p = sub.add_parser("train", help="fine-tune a model (full or LoRA)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train from a YAML config plus dotted key=value overrides "
-                                   "(e.g. lora.r=16 train.lr=1e-4). Keys: see configs/ and README.")
+                                   "(e.g. lora.r=16 train.lr=1e-4). Presets: configs/*.yaml.",
+                       epilog="keys and defaults (None: chosen by method or model, see README):\n" + describe_keys())
     p.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
 
     p = sub.add_parser("ask", help="answer a question with a model or a run directory")

@@ -212,3 +212,20 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
 
 def save_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe_keys() -> str:
+    """Every config key with its default, one per line (for `qatune train --help`)."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                lines.append(f"  {prefix}{f.name} = {default!r}")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
