@@ -267,3 +267,24 @@ def test_the_documented_keys_exist():
     cfg = load_config(None, [f"{k}={values.get(k, '3' if k.startswith(('train', 'lora')) else 'x')}" for k in keys])
     cfg.resolve_defaults()
     assert cfg.lora.targets == ["q", "v"] and cfg.train.packing is True and cfg.train.epochs == 3
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_resume_continues_the_same_run(qa_gpt2_dir, tmp_path, mode):
+    """2 processes stop at step 3 and resume to step 6 (constant lr, so the step budget does not reshape the
+    schedule): the losses are those of one process with the same global batch running 6 steps straight."""
+    common = [f"model={qa_gpt2_dir}", "method=full", "data.train=sample", "train.epochs=1", "train.progress=false",
+              "train.lr=1e-3", "train.schedule=constant", "train.save_every=3", "train.eval_every=100"]
+    one = tmp_path / "one"
+    subprocess.run(_cli(common + ["train.max_steps=6", "train.batch_size=4", "train.grad_accum=2", f"out={one}"]),
+                   check=True, env=_train_env(), capture_output=True)
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                "-m", "qatune", "train", *common, "train.batch_size=4", f"train.fsdp={mode == 'fsdp'}", f"out={two}"]
+    for extra in (["train.max_steps=3"], ["train.max_steps=6", "resume=true"]):
+        res = subprocess.run(torchrun + extra, env=_train_env(), capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert "Resumed from" in res.stderr
+    la, lb = _losses(one), _losses(two)
+    assert sorted(lb) == list(range(1, 7))
+    assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la), (la, lb)

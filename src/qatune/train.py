@@ -384,9 +384,12 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
             if t.save_every and state.step % t.save_every == 0 and not eval_now:
                 save(best=False)
         else:
-            # Epoch finished: evaluate (this also checkpoints) unless that just happened at this step.
-            state.epoch += 1
-            state.micro_in_epoch = 0
+            # The epoch's batches are used up, or the step budget is: evaluate (this also checkpoints) unless
+            # that just happened at this step. Only a finished epoch moves the data position to the next one, so
+            # a run resumed with a larger train.max_steps continues mid-epoch where it stopped.
+            if state.micro_in_epoch + group > len(plan):
+                state.epoch += 1
+                state.micro_in_epoch = 0
             if not (t.eval_every and state.step % t.eval_every == 0) and run_eval():
                 state.early_stopped = True
     progress.close()
