@@ -14,7 +14,8 @@ from qatune.evaluate import evaluate, generation_metrics, resolve_task
 from qatune.generation import GenerationConfig
 from qatune.metrics import generation_scores, qa_scores
 from qatune.run_config import load_config
-from qatune.train import SAMPLE_DATA, train_model
+from qatune.data import SAMPLE_DATA
+from qatune.train import train_model
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 E2E_TEST = SHARED / "data" / "e2e" / "test.txt"

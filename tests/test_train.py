@@ -21,7 +21,8 @@ from qatune import load_model
 from qatune.batching import PromptTemplate, batches, encode_dataset
 from qatune.data import load_examples
 from qatune.run_config import load_config
-from qatune.train import SAMPLE_DATA, train_model
+from qatune.data import SAMPLE_DATA
+from qatune.train import train_model
 
 
 def _train_env() -> dict[str, str]:

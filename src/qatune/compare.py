@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 
 from .errors import QatuneError
-from .evaluate import evaluate, resolve_data, resolve_task
+from .data import resolve_data
+from .evaluate import evaluate, resolve_task
 from .generation import GenerationConfig
 from .report import environment, model_label, write_report
 from .run_config import load_config
@@ -184,7 +185,7 @@ def _evaluate(sweep: Sweep, run: Run, run_dir: Path) -> None:
 def collect_results(sweep: Sweep, out: Path) -> dict[str, Any]:
     """Everything the report needs, small enough to commit: per run, its summary, scores and loss curve."""
     ev = sweep.eval
-    task = resolve_task(ev.get("task", "auto"), ev.get("format", "auto"), resolve_data(ev["data"]))
+    task = resolve_task(ev.get("task", "auto"), ev.get("format", "auto"), ev["data"])
     rows = []
     for run in sweep.runs:
         run_dir = out / "runs" / run.name

@@ -38,6 +38,15 @@ FORMATS = ("auto", "jsonl", "json", "csv", "e2e", "hf")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".txt": "e2e"}
 _REPORT_EXAMPLES = 5  # how many locations of truncated/dropped examples the report keeps
 
+SAMPLE_DATA = Path(__file__).parent / "sample_data"
+# Names for the QA facts shipped with qatune, so that configs, commands and tests need no file paths.
+DATA_ALIASES = {"sample": SAMPLE_DATA / "facts_train.jsonl", "sample-test": SAMPLE_DATA / "facts_test.jsonl"}
+
+
+def resolve_data(path_or_name: str | Path) -> str:
+    """A data argument as a path: `sample` / `sample-test` name the shipped QA facts; anything else as given."""
+    return str(DATA_ALIASES.get(str(path_or_name), path_or_name))
+
 
 class DataError(QatuneError, ValueError):
     """Bad input data; the message starts with the location ("path:line") so the user can fix the file."""
@@ -151,7 +160,7 @@ def load_examples(
     if squad_unanswerable not in UNANSWERABLE_POLICIES:
         raise DataError(f"squad_unanswerable must be one of {UNANSWERABLE_POLICIES}, got {squad_unanswerable!r}")
     report = report if report is not None else DataReport()
-    name = str(path_or_name)
+    name = resolve_data(path_or_name)
     fmt = _detect_format(name) if fmt == "auto" else fmt
     if name.startswith("hf:"):
         name = name[3:]

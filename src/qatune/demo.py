@@ -7,19 +7,18 @@ the training part, and answers again: before/after answers and exact match, side
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from .batching import DEFAULT_TEMPLATE
-from .data import load_examples
+from .data import SAMPLE_DATA, load_examples
 from .download import download
 from .inference import answer_questions, load_for_inference
 from .loading import load_model
 from .metrics import exact_match
 from .run_config import load_config
 from .tokenizer import load_tokenizer
-from .train import SAMPLE_DATA, train_model
+from .train import train_model
 
-CONFIG = Path(__file__).parent / "sample_data" / "demo.yaml"
+CONFIG = SAMPLE_DATA / "demo.yaml"
 
 
 def _exact_match(answers: list[str], examples) -> float:
@@ -29,7 +28,7 @@ def _exact_match(answers: list[str], examples) -> float:
 def run_demo(out: str = "runs/demo", epochs: int | None = None) -> int:
     start = time.perf_counter()
     download("smollm2-135m")
-    test = load_examples(SAMPLE_DATA / "facts_test.jsonl")
+    test = load_examples("sample-test")
     questions = [ex.question for ex in test]
 
     print(f"[1/3] SmolLM2-135M as shipped answers {len(test)} held-out questions ...", flush=True)

@@ -25,24 +25,17 @@ import torch
 import yaml
 
 from .batching import DEFAULT_TEMPLATE, PromptTemplate, encode_dataset
-from .data import DataReport, QAExample, group_references, load_examples
+from .data import DataReport, QAExample, group_references, load_examples, resolve_data
 from .errors import QatuneError
 from .generation import GenerationConfig
 from .inference import answer_questions, load_for_inference
 from .metrics import bleu, generation_scores, per_example_qa, qa_scores, rouge_l
 from .model import Decoder
 from .run_config import RunConfig
-from .train import SAMPLE_DATA, evaluate_loss
+from .train import evaluate_loss
 
 TASKS = ("auto", "qa", "nlg")
-# Names for the QA facts shipped with qatune, so that configs and tests need no file paths.
-DATA_ALIASES = {"sample": SAMPLE_DATA / "facts_train.jsonl", "sample-test": SAMPLE_DATA / "facts_test.jsonl"}
 _DEFAULT_MAX_LENGTH = 512  # the training default (RunConfig.data.max_length)
-
-
-def resolve_data(data: str | os.PathLike) -> str:
-    """A data argument as a path: `sample` / `sample-test` name the shipped QA facts."""
-    return str(DATA_ALIASES.get(str(data), data))
 
 
 def resolve_task(task: str, fmt: str, data: str) -> str:
@@ -51,7 +44,7 @@ def resolve_task(task: str, fmt: str, data: str) -> str:
         raise QatuneError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
     if task != "auto":
         return task
-    is_e2e = fmt == "e2e" or (fmt == "auto" and Path(data).suffix.lower() == ".txt")
+    is_e2e = fmt == "e2e" or (fmt == "auto" and Path(resolve_data(data)).suffix.lower() == ".txt")
     return "nlg" if is_e2e else "qa"
 
 

@@ -37,7 +37,6 @@ from .parallel import Dist, Parallel, init_distributed
 from .run_config import RunConfig, save_config
 from .tokenizer import load_tokenizer
 
-SAMPLE_DATA = Path(__file__).parent / "sample_data"
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -76,8 +75,7 @@ def load_data(cfg: RunConfig) -> tuple[list[QAExample], list[QAExample], DataRep
     kwargs = dict(fmt=d.format, question_field=d.question_field, answer_field=d.answer_field,
                   aliases_field=d.aliases_field, squad_unanswerable=d.squad_unanswerable,
                   skip_invalid=d.skip_invalid)
-    train_path = str(SAMPLE_DATA / "facts_train.jsonl") if d.train == "sample" else d.train
-    train = load_examples(train_path, report=report, **kwargs)
+    train = load_examples(d.train, report=report, **kwargs)
     if d.val:
         val = load_examples(d.val, report=report, **kwargs)
     elif d.val_fraction > 0:
@@ -87,7 +85,7 @@ def load_data(cfg: RunConfig) -> tuple[list[QAExample], list[QAExample], DataRep
     if d.max_examples is not None:
         train = train[: d.max_examples]
     if not train:
-        raise QatuneError(f"no training examples in {train_path} ({report.summary()})")
+        raise QatuneError(f"no training examples in {d.train} ({report.summary()})")
     return train, val, report
 
 
