@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from .errors import QatuneError
 from .data import resolve_data
+from .errors import QatuneError
 from .evaluate import evaluate, resolve_task
 from .generation import GenerationConfig
 from .report import environment, model_label, write_report
