@@ -289,3 +289,21 @@ def test_torchrun_resume_continues_the_same_run(qa_gpt2_dir, tmp_path, mode):
     la, lb = _losses(one), _losses(two)
     assert sorted(lb) == list(range(1, 7))
     assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la), (la, lb)
+
+
+def test_hf_backend_names_targets_as_the_native_lora_does(tiny_gpt2_dir, tiny_llama_dir):
+    """backend=hf reads the same target table as native LoRA, translated to peft's module names."""
+    from qatune import QatuneError
+    from qatune.hf_backend import _peft_targets
+
+    gpt2 = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    llama = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert _peft_targets(gpt2, None) is None and _peft_targets(gpt2, ["all-linear"]) == "all-linear"
+    assert _peft_targets(gpt2, ["qkv"]) == ["c_attn"]
+    assert _peft_targets(gpt2, ["o", "up", "down"]) == ["c_fc", "c_proj"]
+    assert _peft_targets(llama, ["q", "v"]) == ["q_proj", "v_proj"]
+    assert _peft_targets(llama, ["gate", "down_proj"]) == ["down_proj", "gate_proj"]
+    with pytest.raises(QatuneError, match="slices of GPT-2's fused c_attn"):
+        _peft_targets(gpt2, ["q", "v"])
+    with pytest.raises(QatuneError, match="unknown LoRA target"):
+        _peft_targets(llama, ["c_attn"])

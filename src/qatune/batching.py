@@ -267,6 +267,20 @@ def batches(
         [len(f) for f in features], batch_size, packing=packing, max_length=max_length,
         shuffle=shuffle, seed=seed, epoch=epoch,
     )
+    return collate_plan(features, plan, pad_id=pad_id, packing=packing, skip=skip,
+                        pad_to_multiple_of=pad_to_multiple_of)
+
+
+def collate_plan(
+    features: Sequence[Feature],
+    plan: list[list[list[int]]],
+    *,
+    pad_id: int,
+    packing: bool,
+    skip: int = 0,
+    pad_to_multiple_of: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collate the batches of a `plan_batches` plan, lazily, from batch `skip` on."""
     for batch in plan[skip:]:
         if packing:
             yield collate_packed([[features[i] for i in row] for row in batch], pad_id, pad_to_multiple_of)

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import from_hf_config
 from .errors import QatuneError
 from .loading import resolve_source
+from .lora import family_linears, resolve_targets
 from .run_config import LoRASection
 
 
@@ -69,22 +71,25 @@ def apply_peft_lora(model: nn.Module, lora: LoRASection) -> nn.Module:
 
 
 def _peft_targets(model: nn.Module, targets: list[str] | None) -> list[str] | str | None:
-    """qatune's family-neutral names -> Hugging Face module names (None: peft's own default)."""
-    if targets is None:
-        return None
-    gpt2 = getattr(model.config, "model_type", "") == "gpt2"
-    names = {"qkv": "c_attn", "o": "c_proj", "up": "c_fc", "down": "c_proj"} if gpt2 else {
-        "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-        "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-    if "all-linear" in targets:
-        return "all-linear"
-    out = []
-    for t in targets:
-        if gpt2 and t in ("q", "k", "v"):
-            raise QatuneError("backend=hf cannot adapt q/k/v slices of GPT-2's fused c_attn; use lora.targets=[c_attn] "
-                              "or backend=native")
-        out.append(names.get(t, t))
-    return sorted(set(out))
+    """qatune's family-neutral names -> Hugging Face module names (None: peft's own default).
+
+    GPT-2 and Llama read the same target table as the native LoRA (`lora.resolve_targets`, `weights.LINEAR_MAPS`);
+    other architectures take Hugging Face module names as they are."""
+    if targets is None or "all-linear" in targets:
+        return None if targets is None else "all-linear"
+    try:
+        cfg = from_hf_config(model.config.to_dict())
+    except QatuneError:
+        return targets
+    hf_names = {(m.native, m.part): m.hf.rpartition(".")[2] for m in family_linears(cfg)}
+    out = set()
+    for module, parts in resolve_targets(cfg, targets).items():
+        for part in parts:
+            if (module, part) not in hf_names:
+                raise QatuneError("backend=hf cannot adapt q/k/v slices of GPT-2's fused c_attn; use "
+                                  "lora.targets=[c_attn] or backend=native")
+            out.add(hf_names[module, part])
+    return sorted(out)
 
 
 def save_hf_result(model: nn.Module, tokenizer, out_dir: Path, method: str) -> None:

@@ -172,7 +172,7 @@ def target_table(cfg: ModelConfig) -> dict[str, list[tuple[str, str | None]]]:
     return table
 
 
-def _resolve_targets(cfg: ModelConfig, targets: list[str]) -> dict[str, list[str | None]]:
+def resolve_targets(cfg: ModelConfig, targets: list[str]) -> dict[str, list[str | None]]:
     """Target names -> {module inside a block: its qkv parts (or [None] for the whole layer)}."""
     table = target_table(cfg)
     unknown = [t for t in targets if t not in table]
@@ -198,7 +198,7 @@ def _resolve_targets(cfg: ModelConfig, targets: list[str]) -> dict[str, list[str
 def lora_layout(model: nn.Module, config: LoRAConfig) -> dict[str, dict[str, LoRAPart]]:
     """{module name: {part name: LoRAPart}} for every block of `model`, from `config.targets`."""
     cfg: ModelConfig = model.config
-    chosen = _resolve_targets(cfg, config.targets or DEFAULT_TARGETS[cfg.family])
+    chosen = resolve_targets(cfg, config.targets or DEFAULT_TARGETS[cfg.family])
     layout: dict[str, dict[str, LoRAPart]] = {}
     for i in range(cfg.n_layer):
         for module, parts in chosen.items():

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
-from .batching import PromptTemplate, batches, encode_dataset, plan_batches
+from .batching import PromptTemplate, batches, collate_plan, count_tokens, encode_dataset, plan_batches
 from .data import DataReport, QAExample, load_examples, split_train_val
 from .errors import QatuneError
 from .loading import load_model, parse_dtype
@@ -259,11 +259,12 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
         return plan_batches(lengths, t.batch_size, packing=t.packing, max_length=cfg.data.max_length,
                             shuffle=True, seed=t.seed, epoch=epoch)
 
-    steps_per_epoch = len(epoch_plan(0)) // group
+    first_plan_len = len(epoch_plan(0))
+    steps_per_epoch = first_plan_len // group
     if steps_per_epoch == 0:
         raise QatuneError(f"{len(train_feats)} training examples make fewer micro-batches than one optimizer step "
                           f"needs (batch_size {t.batch_size} x grad_accum {t.grad_accum} x {d.world} processes)")
-    dropped = len(epoch_plan(0)) - steps_per_epoch * group
+    dropped = first_plan_len - steps_per_epoch * group
     if dropped:
         console(f"Note: the last {dropped} micro-batch(es) of each epoch do not fill an optimizer step and are "
                 "skipped (shuffled anew each epoch)")
@@ -338,12 +339,10 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
     window_tokens, window_start = 0, time.perf_counter()
     while state.step < total_steps and not state.early_stopped:
         plan = epoch_plan(state.epoch)
-        micro = batches(train_feats, t.batch_size, pad_id=pad_id, packing=t.packing,
-                        max_length=cfg.data.max_length, shuffle=True, seed=t.seed, epoch=state.epoch,
-                        skip=state.micro_in_epoch)
+        micro = collate_plan(train_feats, plan, pad_id=pad_id, packing=t.packing, skip=state.micro_in_epoch)
         while state.micro_in_epoch + group <= len(plan) and state.step < total_steps:
             step_batches = list(itertools.islice(micro, group))
-            global_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in step_batches)
+            global_tokens = sum(count_tokens(b).label_tokens for b in step_batches)
             mine = step_batches[d.rank::d.world]
             loss_total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
             for i, batch in enumerate(mine):
@@ -353,7 +352,7 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
                     loss = loss_sum * d.world / max(global_tokens, 1)
                 scaler.scale(loss).backward()
                 loss_total += loss_sum.detach()
-                window_tokens += int(batch["attention_mask"].sum())
+                window_tokens += count_tokens(batch).real_tokens
             if d.world > 1:
                 dist.all_reduce(loss_total)
             if t.grad_clip:
