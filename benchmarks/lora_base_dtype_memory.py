@@ -17,8 +17,8 @@ from datetime import date
 
 RUN = """
 import json, resource, sys, torch, transformers
-from qatune.model import Decoder
-from qatune.config import from_hf_config
+from qatune.models.decoder import Decoder
+from qatune.models.config import from_hf_config
 from qatune.lora import LoRAConfig, apply_lora, count_parameters
 shape, base_dtype, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[base_dtype]

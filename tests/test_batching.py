@@ -1,4 +1,4 @@
-"""qatune.batching: template split, answer-only labels (real GPT-2 tokenizer), truncation, padding, packing, and
+"""qatune.data.batching: template split, answer-only labels (real GPT-2 tokenizer), truncation, padding, packing, and
 the deterministic batch order the trainer relies on to resume mid-epoch."""
 
 from pathlib import Path
@@ -6,11 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatune.batching import (
+from qatune.data.batching import (
     IGNORE_INDEX,
     Feature,
-    PromptTemplate,
-    TemplateError,
     batches,
     collate,
     collate_packed,
@@ -21,7 +19,8 @@ from qatune.batching import (
     padding_efficiency,
     plan_batches,
 )
-from qatune.data import DataReport, QAExample, load_examples
+from qatune.data.prompts import PromptTemplate, TemplateError
+from qatune.data.readers import SAMPLE_DATA, DataReport, QAExample, load_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = ROOT / ".." / "shared" / "tokenizers" / "gpt2"
@@ -91,7 +90,7 @@ def test_encode_paris_by_hand(tokenizer):
 
 def test_answer_only_labels_mask_exactly_the_prompt_tokens(tokenizer):
     template = PromptTemplate()
-    examples = load_examples(ROOT / "src" / "qatune" / "sample_data" / "facts_test.jsonl")
+    examples = load_examples(SAMPLE_DATA / "facts_test.jsonl")
     for ex in examples:
         prompt_ids = tokenizer.encode(template.prompt(ex), add_special_tokens=False)
         completion_ids = tokenizer.encode(template.completion(ex), add_special_tokens=False)
@@ -175,7 +174,7 @@ def test_collate_packed_by_hand():
 
 
 def test_packed_rows_hold_every_token_once_with_per_document_positions(tokenizer):
-    examples = load_examples(ROOT / "src" / "qatune" / "sample_data" / "facts_test.jsonl")
+    examples = load_examples(SAMPLE_DATA / "facts_test.jsonl")
     features = encode_dataset(tokenizer, examples, PromptTemplate(), max_length=64, answer_only=False)
     rows = pack(features, max_length=64)
     batch = collate_packed(rows, pad_id=EOS)

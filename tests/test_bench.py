@@ -1,13 +1,12 @@
 """`qatune bench` and the native fast path it measures.
 
 The benchmark runs on the `tiny` shape on CPU for a couple of steps: what is checked is the shape of the
-results (every configuration present, well-formed), never a timing. The fast path (`Decoder.set_fast_path`)
+results (every configuration present, well-formed), never a timing. The fast path (`Decoder(fast_path=True)`)
 is checked against the reference path piece by piece and over 50 training steps.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -17,13 +16,15 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config
 
-from qatune import model as model_mod
-from qatune.bench import (BenchConfig, build_hf, build_native, fast_path_agreement, gpt2_config, random_native_state,
-                          run_bench, sdpa_kernels)
-from qatune.cli import main
-from qatune.config import from_hf_config
+from qatune.bench import BenchConfig, fast_path_agreement, run_bench, sdpa_kernels
+from qatune.bench.setups import build_hf, build_native, gpt2_config, random_native_state
+from qatune.cli.commands import main
 from qatune.lora import LoRAConfig, apply_lora
-from qatune.model import Decoder, chunked_lm_loss, explicit_attention, fast_dropout
+from qatune.models import decoder as model_mod
+from qatune.models import fast_ops
+from qatune.models.config import from_hf_config
+from qatune.models.decoder import Decoder
+from qatune.models.fast_ops import chunked_lm_loss, explicit_attention, fast_dropout
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 CPU = torch.device("cpu")
@@ -72,8 +73,9 @@ def test_bench_real_data_compares_padding_and_packing(one_thread):
     if not (SHARED / "data" / "triviaqa").is_dir():
         pytest.skip(f"shared data not found at {SHARED}")
     report = run_bench(BenchConfig(shapes=["tiny"], methods=["lora"], backends=["native", "hf"], batch=4, seq=128,
-                                   steps=1, warmup=1, device="cpu", real_data="triviaqa", shared=str(SHARED),
-                                   threads=1))
+                                   steps=1, warmup=1, device="cpu",
+                                   real_data=str(SHARED / "data" / "triviaqa" / "triviaqa_sm_sub.jsonl"),
+                                   tokenizer=str(SHARED / "tokenizers" / "gpt2"), threads=1))
     by_name = {r["name"]: r for r in report["results"]}
     assert by_name["tiny/lora/hf/packing"]["skipped"].startswith("packing needs backend=native")
     for strategy in ("pad-to-longest", "dynamic", "packing"):
@@ -125,7 +127,7 @@ def test_explicit_attention_matches_sdpa(padded):
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_chunked_lm_loss_matches_cross_entropy(monkeypatch, label_smoothing):
-    monkeypatch.setitem(model_mod._LOSS_CHUNK_ELEMENTS, "cpu", 7 * 50)  # 7 rows per chunk: several chunks
+    monkeypatch.setitem(fast_ops._LOSS_CHUNK_ELEMENTS, "cpu", 7 * 50)  # 7 rows per chunk: several chunks
     hidden = torch.randn(30, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)
     targets = torch.randint(0, 50, (30,))
@@ -164,7 +166,10 @@ def test_fast_path_losses_follow_the_reference_over_50_steps(method, dtype, rtol
     reference.init_weights()
     if method == "lora":
         apply_lora(reference, LoRAConfig(r=8, alpha=16, dropout=0.0, targets=["c_attn"]))
-    fast = copy.deepcopy(reference).set_fast_path(True)
+    fast = Decoder(cfg, fast_path=True)  # the same weights, LoRA's included, built with the fast path
+    if method == "lora":
+        apply_lora(fast, LoRAConfig(r=8, alpha=16, dropout=0.0, targets=["c_attn"]))
+    fast.load_state_dict(reference.state_dict())
     data = torch.randint(0, 500, (4, 4, 48))  # 4 batches, cycled: the loss must fall
     batches = []
     for i in range(50):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qatune.compare import load_sweep
+from qatune.compare.report import Config, verdict
+from qatune.compare.sweep import load_sweep
 from qatune.errors import QatuneError
-from qatune.report import Config, verdict
 
 
 def _sweep(tmp_path: Path, model: Path) -> Path:

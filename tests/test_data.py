@@ -1,11 +1,11 @@
-"""Readers of qatune.data: every format on tiny hand-written files, then the real files in ../shared."""
+"""Readers of qatune.data.readers: every format on tiny hand-written files, then the real files in ../shared."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from qatune.data import (
+from qatune.data.readers import (
     DataError,
     DataReport,
     QAExample,
@@ -15,7 +15,7 @@ from qatune.data import (
 )
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
-SAMPLE_DATA = Path(__file__).resolve().parents[1] / "src" / "qatune" / "sample_data"
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "src" / "qatune" / "data" / "sample_data"
 
 
 def shared_file(relative: str) -> Path:

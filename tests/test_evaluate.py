@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatune.cli import main
-from qatune.data import group_references, load_examples
-from qatune.evaluate import evaluate, generation_metrics, resolve_task
-from qatune.generation import GenerationConfig
-from qatune.metrics import generation_scores, qa_scores
-from qatune.run_config import load_config
-from qatune.data import SAMPLE_DATA
-from qatune.train import train_model
+from qatune.cli.commands import main
+from qatune.data.readers import SAMPLE_DATA, group_references, load_examples
+from qatune.evaluation.measure import evaluate, generation_metrics, resolve_task
+from qatune.evaluation.metrics import generation_scores, qa_scores
+from qatune.generation.decode import GenerationConfig
+from qatune.training.config import load_config
+from qatune.training.recipe import train_model
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 E2E_TEST = SHARED / "data" / "e2e" / "test.txt"
@@ -47,7 +46,7 @@ def test_an_answer_that_is_right_scores_right(qa_gpt2_dir, tmp_path, monkeypatch
     """Scoring path end to end with known answers: the model 'answers' each question's first alias."""
     test = load_examples(SAMPLE_DATA / "facts_test.jsonl")[:6]
     truth = {ex.question: ex.aliases[0] for ex in test}
-    import qatune.evaluate as ev
+    import qatune.evaluation.measure as ev
 
     monkeypatch.setattr(ev, "answer_questions",
                         lambda model, tok, questions, **kw: [truth[q] if i % 2 else "wrong" for i, q in

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qatune import QatuneError, load_model
-from qatune.generation import (
+from qatune.generation.decode import (
     GenerationConfig,
     ban_repeated_ngrams,
     generate,
@@ -22,7 +22,7 @@ from qatune.generation import (
     top_p_filter,
     warp_logits,
 )
-from qatune.model import KVCache
+from qatune.models.decoder import KVCache
 
 FAMILIES = ["gpt2", "llama"]
 PROMPTS = [[5, 17, 200, 33], [44, 9, 120, 7, 250, 61, 3, 99, 180], [300, 12, 77, 150, 8, 230]]

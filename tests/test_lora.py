@@ -11,11 +11,7 @@ import transformers
 from torch import nn
 
 from qatune import QatuneError, count_parameters
-from qatune.config import from_hf_config
-from qatune.lora import (
-    LoRAConfig,
-    LoRALinear,
-    LoRAPart,
+from qatune.lora.inject import (
     apply_lora,
     format_parameter_count,
     lora_layers,
@@ -23,7 +19,9 @@ from qatune.lora import (
     merge_lora,
     unmerge_lora,
 )
-from qatune.model import Decoder
+from qatune.lora.layer import LoRAConfig, LoRALinear, LoRAPart
+from qatune.models.config import from_hf_config
+from qatune.models.decoder import Decoder
 
 GPT2_TINY = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=300, n_positions=32, bos_token_id=0, eos_token_id=0)
 LLAMA_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

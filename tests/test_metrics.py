@@ -12,8 +12,8 @@ import warnings
 
 import pytest
 
-from qatune import metrics
 from qatune.errors import QatuneError
+from qatune.evaluation import metrics
 
 # --------------------------------------------------------------------------------------------------
 # Independent reference: the formulas of the official SQuAD v2.0 evaluation script

@@ -18,11 +18,11 @@ import transformers
 from safetensors.torch import load_file
 
 from qatune import load_model
-from qatune.batching import PromptTemplate, batches, encode_dataset
-from qatune.data import load_examples
-from qatune.run_config import load_config
-from qatune.data import SAMPLE_DATA
-from qatune.train import train_model
+from qatune.data.batching import batches, encode_dataset
+from qatune.data.prompts import PromptTemplate
+from qatune.data.readers import SAMPLE_DATA, load_examples
+from qatune.training.config import load_config
+from qatune.training.recipe import train_model
 
 
 def _train_env() -> dict[str, str]:
@@ -186,15 +186,15 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["train.lrr=1"])
     with pytest.raises(QatuneError, match="train.batch_size must be int"):
         load_config(None, ["train.batch_size=eight"])
-    cfg = load_config(None, ["data.train=x.jsonl", "method=lora"]).resolve_defaults()
+    cfg = load_config(None, ["data.train=x.jsonl", "method=lora"]).resolved()
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (25, 8, 5e-4)
-    cfg = load_config(None, ["data.train=x.jsonl", "method=full"]).resolve_defaults()
+    cfg = load_config(None, ["data.train=x.jsonl", "method=full"]).resolved()
     assert (cfg.train.epochs, cfg.train.batch_size) == (40, 16)
     with pytest.raises(QatuneError, match="method must be one of lora, full"):
-        load_config(None, ["data.train=x", "method=qlora"]).resolve_defaults()
+        load_config(None, ["data.train=x", "method=qlora"]).resolved()
     presets = Path(__file__).resolve().parents[1] / "configs"
     for preset in presets.glob("*.yaml"):
-        load_config(preset).resolve_defaults()  # every shipped preset is valid
+        load_config(preset).resolved()  # every shipped preset is valid
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -236,8 +236,8 @@ def test_base_dtype_bf16_keeps_lora_weights_fp32(qa_gpt2_dir, tmp_path):
 def test_a_lora_run_answers_and_merges_from_the_cli(qa_gpt2_dir, tmp_path, capsys):
     """The run directory is what users hand to `qatune ask` and `qatune merge`; the merged checkpoint loads in
     transformers alone and computes what the run's base + adapter computes."""
-    from qatune.cli import main
-    from qatune.inference import load_for_inference
+    from qatune.cli.commands import main
+    from qatune.generation.runs import load_for_inference
 
     run = tmp_path / "run"
     train_model(load_config(None, [f"model={qa_gpt2_dir}", "method=lora", "data.train=sample", "train.max_steps=3",
@@ -254,19 +254,19 @@ def test_a_lora_run_answers_and_merges_from_the_cli(qa_gpt2_dir, tmp_path, capsy
 
 def test_the_documented_keys_exist():
     """The keys the issue names, with these names: accepted by the parser and listed in `train --help`."""
-    from qatune.run_config import describe_keys
+    from qatune.training.config import describe_keys
 
-    keys = ("model method backend data.train data.val lora.r lora.alpha lora.dropout lora.targets train.epochs "
-            "train.max_steps train.batch_size train.grad_accum train.lr train.weight_decay train.warmup_steps "
-            "train.schedule train.precision train.seed train.eval_every train.save_every train.patience "
-            "train.packing out resume").split()
+    keys = ["model", "method", "backend", "data.train", "data.val", "lora.r", "lora.alpha", "lora.dropout",
+            "lora.targets", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr",
+            "train.weight_decay", "train.warmup_steps", "train.schedule", "train.precision", "train.seed",
+            "train.eval_every", "train.save_every", "train.patience", "train.packing", "out", "resume"]
     listed = {line.split(" = ")[0].strip() for line in describe_keys().splitlines()}
     assert set(keys) <= listed
     values = {"method": "full", "backend": "hf", "lora.targets": "q,v", "train.schedule": "linear",
               "train.precision": "bf16", "train.packing": "true", "resume": "true", "lora.dropout": "0.05",
               "lora.alpha": "32", "train.lr": "1e-4", "train.weight_decay": "0.1"}
     cfg = load_config(None, [f"{k}={values.get(k, '3' if k.startswith(('train', 'lora')) else 'x')}" for k in keys])
-    cfg.resolve_defaults()
+    cfg = cfg.resolved()
     assert cfg.lora.targets == ["q", "v"] and cfg.train.packing is True and cfg.train.epochs == 3
 
 
@@ -294,7 +294,7 @@ def test_torchrun_resume_continues_the_same_run(qa_gpt2_dir, tmp_path, mode):
 def test_hf_backend_names_targets_as_the_native_lora_does(tiny_gpt2_dir, tiny_llama_dir):
     """backend=hf reads the same target table as native LoRA, translated to peft's module names."""
     from qatune import QatuneError
-    from qatune.hf_backend import _peft_targets
+    from qatune.training.hf_backend import _peft_targets
 
     gpt2 = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     llama = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)

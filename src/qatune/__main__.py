@@ -1,5 +1,5 @@
 """`python -m qatune ...` (what `torchrun -m qatune train ...` runs)."""
 
-from .cli import main
+from qatune.cli.commands import main
 
 raise SystemExit(main())

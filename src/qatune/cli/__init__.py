@@ -1,0 +1,5 @@
+"""The `qatune` command line (`commands.py`, arguments in `parser.py`) and the demo (`demo.py`)."""
+
+from qatune.cli.commands import main
+
+__all__ = ["main"]

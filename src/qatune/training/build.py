@@ -1,0 +1,116 @@
+"""The parts a training run is built from: device, seeds, data (examples -> features) and the model to train."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qatune.data.batching import Feature, encode_dataset
+from qatune.data.prompts import PromptTemplate
+from qatune.data.readers import DataReport, QAExample, load_examples, split_train_val
+from qatune.errors import ConfigError, DataError
+from qatune.lora.inject import apply_lora
+from qatune.models.loading import load_model, parse_dtype
+from qatune.training.config import DataSection, RunConfig
+from qatune.training.hf_backend import HFCausalLM, apply_peft_lora, load_hf_model
+from qatune.training.parallel import Dist
+
+
+def pick_device(name: str, d: Dist) -> torch.device:
+    """`auto`: CUDA, else MPS (one process only), else CPU; with CUDA each process takes its local rank's GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available() and d.world == 1:
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is available")
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainingData:
+    """Tokenised training and validation features, the validation examples (for generation metrics), the
+    template that made them and the report of every skipped or truncated record."""
+
+    train: list[Feature]
+    val: list[Feature]
+    val_examples: list[QAExample]
+    template: PromptTemplate
+    report: DataReport
+    pad_id: int
+
+
+def read_examples(d: DataSection, seed: int) -> tuple[list[QAExample], list[QAExample], DataReport]:
+    """Training and validation examples; validation is split off train (with `seed`) when no file is given."""
+    report = DataReport()
+    kwargs = dict(fmt=d.format, question_field=d.question_field, answer_field=d.answer_field,
+                  aliases_field=d.aliases_field, squad_unanswerable=d.squad_unanswerable,
+                  skip_invalid=d.skip_invalid)
+    train = load_examples(d.train, report=report, **kwargs)
+    if d.val:
+        val = load_examples(d.val, report=report, **kwargs)
+    elif d.val_fraction > 0:
+        train, val = split_train_val(train, d.val_fraction, seed)
+    else:
+        val = []
+    if d.max_examples is not None:
+        train = train[: d.max_examples]
+    if not train:
+        raise DataError(f"no training examples in {d.train} ({report.summary()})")
+    return train, val, report
+
+
+def prepare_data(d: DataSection, tokenizer: Any, seed: int) -> TrainingData:
+    """Examples read and tokenised (answer-only labels unless `data.answer_only=false`)."""
+    train_ex, val_ex, report = read_examples(d, seed)
+    template = PromptTemplate(d.template)
+    train = encode_dataset(tokenizer, train_ex, template, d.max_length, d.answer_only, report)
+    val = encode_dataset(tokenizer, val_ex, template, d.max_length, d.answer_only, report)
+    return TrainingData(train, val, val_ex, template, report, tokenizer.pad_token_id)
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
+    """The model to train, exposing `loss(batch, reduction)`: the native Decoder (+ LoRA), or transformers
+    (+ peft) for `backend=hf`."""
+    t = cfg.train
+    base_dtype = parse_dtype(t.base_dtype) if cfg.method == "lora" and t.base_dtype else None
+    if cfg.backend == "hf":
+        model = load_hf_model(cfg.model, base_dtype or torch.float32, device)
+        return HFCausalLM(apply_peft_lora(model, cfg.lora) if cfg.method == "lora" else model)
+    model = load_model(cfg.model, dtype=base_dtype, device=device, fast_path=t.fast_path)
+    if cfg.method == "lora":
+        apply_lora(model, cfg.lora)
+        for p in model.parameters():  # LoRA weights and their optimizer state stay fp32 under a low-precision base
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    model.gradient_checkpointing = t.gradient_checkpointing
+    return model
+
+
+class LossModule(nn.Module):
+    """forward(batch) -> (summed token loss, label tokens): the unit DDP and torch.compile wrap."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.model.loss(batch, reduction="sum", label_smoothing=self.label_smoothing)

@@ -1,0 +1,361 @@
+"""`train_model(cfg)`: QA data to a fine-tuned model. A recipe in parts, each readable on its own:
+
+    setup            data -> features; model (+ LoRA); AdamW + schedule; resume from the last checkpoint
+    run_epoch        the epoch's batch plan, one optimizer step after another
+    train_step       one optimizer step: micro-batches (accumulate, all ranks) -> clip -> step
+    evaluate         validation loss (and generated answers), best tracking, early stopping, checkpoint
+    save_checkpoint  trainable weights, optimizer, scheduler, scaler, RNG states and the `TrainState`
+    finish           best weights -> result (peft adapter or Hugging Face model) + summary.json
+
+`Recipe` holds what `setup` builds; the loop never reassigns it. `TrainState` is the only thing the loop
+changes, and with the tensors it is what a checkpoint holds.
+
+Exact resume: batch order is a pure function of (seed, epoch) and the state holds the data position (epoch,
+micro-batch index), so a resumed run sees the same batches, the same dropout masks (RNG states) and logs the
+same losses as one that was never stopped.
+
+Data parallel (`torchrun --nproc_per_node N -m qatune train ...`): an optimizer step consumes
+`batch_size * grad_accum * world_size` rows; micro-batch i of the step goes to rank i % world. The loss is the
+token-sum divided by the step's global label-token count (known from the plan), so the gradient is the same
+as one process with the same global batch, whatever the split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qatune.data.batching import collate_plan, count_tokens, plan_batches, to_device
+from qatune.errors import ConfigError
+from qatune.evaluation.loss import evaluate_loss
+from qatune.evaluation.measure import generation_metrics, resolve_task
+from qatune.lora.inject import count_parameters, format_parameter_count
+from qatune.models.loading import build_model as assemble_model
+from qatune.models.tokenizer import load_tokenizer
+from qatune.training import checkpoint as ckpt
+from qatune.training.build import LossModule, TrainingData, build_model, pick_device, prepare_data, seed_everything
+from qatune.training.config import RunConfig, save_config
+from qatune.training.loggers import MetricsLog
+from qatune.training.optim import autocast_factory, lr_factor, make_optimizer
+from qatune.training.parallel import Dist, Parallel, init_distributed
+from qatune.training.result import dir_size, peak_memory, save_result, write_summary
+from qatune.training.state import TrainState
+from qatune.utils.console import ProgressBar, console_printer
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    micro_per_step: int  # micro-batches per optimizer step, all ranks together (grad_accum x world)
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class Recipe:
+    """Everything a run is made of, built once by `setup`."""
+
+    cfg: RunConfig
+    dist: Dist
+    device: torch.device
+    out: Path
+    tokenizer: Any
+    data: TrainingData
+    model: nn.Module
+    loss_module: nn.Module  # the model's loss, wrapped for DDP / torch.compile
+    par: Parallel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], AbstractContextManager]
+    plan: StepPlan
+    param_counts: tuple[int, int, float]  # trainable, total, percent (counted before FSDP shards the model)
+    log: MetricsLog | None
+    say: Callable[[str], None]  # console messages (main process only)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def epoch_plan(self, epoch: int) -> list[list[list[int]]]:
+        t = self.cfg.train
+        return plan_batches([len(f) for f in self.data.train], t.batch_size, packing=t.packing,
+                            max_length=self.cfg.data.max_length, shuffle=True, seed=t.seed, epoch=epoch)
+
+
+def train_model(cfg: RunConfig) -> dict[str, Any]:
+    """Run one training job described by `cfg`; returns the summary (also written to `out/summary.json`)."""
+    recipe, state = setup(cfg.resolved())
+    progress = ProgressBar("train", recipe.plan.total_steps, done=state.step,
+                           enabled=recipe.dist.main and cfg.train.progress)
+    with progress:
+        while state.step < recipe.plan.total_steps and not state.early_stopped:
+            run_epoch(recipe, state, progress)
+    state.train_time = state.elapsed()
+    return finish(recipe, state)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
+    """Build every part of the run from a resolved config, and the state to start from (fresh or resumed)."""
+    t = cfg.train
+    d = init_distributed()
+    if t.fsdp and d.world > 1 and t.eval_generate:
+        raise ConfigError("train.eval_generate needs the whole model on rank 0; it does not combine with "
+                          "train.fsdp (evaluate the result with `qatune eval` instead)")
+    device = pick_device(t.device, d)
+    say = console_printer(d.main)
+    seed_everything(t.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    data = prepare_data(cfg.data, tokenizer, t.seed)
+    say(f"Data: {len(data.train)} train / {len(data.val)} validation examples; {data.report.summary()}")
+    model = build_model(cfg, device)
+    param_counts = count_parameters(model)
+    say(format_parameter_count(model))
+    model.train()
+    par = Parallel(d, fsdp=t.fsdp)
+    par.shard(model)
+    optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, device=device)
+    loss_module: nn.Module = LossModule(model, t.label_smoothing)
+    loss_module = par.wrap(torch.compile(loss_module) if t.compile else loss_module, device)
+    plan = _step_plan(cfg, data, d, say)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
+        t.schedule, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, total_steps=plan.total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    out = Path(cfg.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    recipe = Recipe(cfg, d, device, out, tokenizer, data, model, loss_module, par, optimizer, scheduler, scaler,
+                    autocast_factory(device, t.precision), plan, param_counts, log=None, say=say)
+    state = resume(recipe) if cfg.resume else TrainState()
+    log = MetricsLog(out / "metrics.jsonl", d.main, state.step if cfg.resume else None, t.tensorboard)
+    return dataclasses.replace(recipe, log=log), state
+
+
+def _step_plan(cfg: RunConfig, data: TrainingData, d: Dist, say: Callable[[str], None]) -> StepPlan:
+    """How many optimizer steps an epoch and the run have (the plan of epoch 0 counts the micro-batches)."""
+    t = cfg.train
+    group = t.grad_accum * d.world
+    micro = len(plan_batches([len(f) for f in data.train], t.batch_size, packing=t.packing,
+                             max_length=cfg.data.max_length, shuffle=True, seed=t.seed, epoch=0))
+    steps_per_epoch = micro // group
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(data.train)} training examples make fewer micro-batches than one optimizer step "
+                          f"needs (batch_size {t.batch_size} x grad_accum {t.grad_accum} x {d.world} processes)")
+    if micro - steps_per_epoch * group:
+        say(f"Note: the last {micro - steps_per_epoch * group} micro-batch(es) of each epoch do not fill an "
+            "optimizer step and are skipped (shuffled anew each epoch)")
+    total = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
+    return StepPlan(group, steps_per_epoch, total)
+
+
+def resume(r: Recipe) -> TrainState:
+    """Load the last checkpoint into the model, optimizer, scheduler, scaler and RNGs; its state, or a fresh
+    one when there is no checkpoint yet."""
+    last = ckpt.latest(r.checkpoints)
+    if last is None:
+        r.say(f"resume=true but no checkpoint in {r.checkpoints}: starting from scratch")
+        return TrainState()
+    weights, saved = ckpt.load_checkpoint(last)
+    r.par.load_trainable_state(r.model, weights, str(last))
+    r.par.load_optimizer_state(r.model, r.optimizer, saved["optimizer"])
+    r.scheduler.load_state_dict(saved["scheduler"])
+    r.scaler.load_state_dict(saved["scaler"])
+    ckpt.set_rng_state(saved["rng"])
+    state = TrainState.from_dict(saved["train_state"])
+    r.say(f"Resumed from {last} (step {state.step}, epoch {state.epoch})")
+    return state
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def run_epoch(r: Recipe, state: TrainState, progress: ProgressBar) -> None:
+    """Optimizer steps from the state's data position to the end of the epoch (or of the step budget), with
+    the periodic evaluations and checkpoints; then the end-of-epoch evaluation."""
+    t, group = r.cfg.train, r.plan.micro_per_step
+    plan = r.epoch_plan(state.epoch)
+    micro = collate_plan(r.data.train, plan, pad_id=r.data.pad_id, packing=t.packing, skip=state.micro_in_epoch)
+    while state.micro_in_epoch + group <= len(plan) and state.step < r.plan.total_steps:
+        loss, lr = train_step(r, state, list(itertools.islice(micro, group)))
+        log_step(r, state, loss, lr, progress)
+        evaluated = _due(t.eval_every, state.step)
+        if evaluated and evaluate(r, state):
+            state.early_stopped = True
+            return
+        if _due(t.save_every, state.step) and not evaluated:
+            save_checkpoint(r, state, best=False)
+    # The epoch's batches are used up, or the step budget is. Only a finished epoch moves the data position to
+    # the next one, so a run resumed with a larger train.max_steps continues mid-epoch where it stopped.
+    if state.micro_in_epoch + group > len(plan):
+        state.epoch += 1
+        state.micro_in_epoch = 0
+    if not _due(t.eval_every, state.step) and evaluate(r, state):  # unless that just happened at this step
+        state.early_stopped = True
+
+
+def _due(every: int | None, step: int) -> bool:
+    return bool(every) and step % every == 0
+
+
+def train_step(r: Recipe, state: TrainState, step_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """One optimizer step over `step_batches` (every rank's micro-batches; this rank takes its share).
+    Returns the step's mean training loss (over all ranks) and the learning rate it used."""
+    d = r.dist
+    global_tokens = sum(count_tokens(b).label_tokens for b in step_batches)
+    mine = step_batches[d.rank::d.world]
+    loss_total = torch.zeros((), dtype=torch.float64, device=r.device)  # summed on device: no sync per batch
+    for i, batch in enumerate(mine):
+        with r.par.sync_context(r.loss_module, r.model, sync=i == len(mine) - 1), r.autocast():
+            loss_sum, _ = r.loss_module(to_device(batch, r.device))
+            # DDP averages gradients over ranks; scale by world so the result is the global token mean.
+            loss = loss_sum * d.world / max(global_tokens, 1)
+        r.scaler.scale(loss).backward()
+        loss_total += loss_sum.detach()
+        state.window_tokens += count_tokens(batch).real_tokens
+    if d.world > 1:
+        dist.all_reduce(loss_total)
+    if r.cfg.train.grad_clip:
+        r.scaler.unscale_(r.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in r.model.parameters() if p.requires_grad], r.cfg.train.grad_clip)
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    r.optimizer.zero_grad(set_to_none=True)
+    lr = r.scheduler.get_last_lr()[0]
+    r.scheduler.step()
+    state.step += 1
+    state.micro_in_epoch += len(step_batches)
+    return loss_total.item() / max(global_tokens, 1), lr
+
+
+def log_step(r: Recipe, state: TrainState, loss: float, lr: float, progress: ProgressBar) -> None:
+    """Every `train.log_every` steps (and the last): a `train` record with the tokens/s of the window since."""
+    if state.step % r.cfg.train.log_every and state.step != r.plan.total_steps:
+        return
+    now = time.perf_counter()
+    window = state.window_tokens * r.dist.world
+    tokens_per_s = window / max(now - state.window_start, 1e-9)
+    state.tokens_seen += window
+    state.window_tokens, state.window_start = 0, now
+    r.log.write({"event": "train", "step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
+                 "tokens_per_s": tokens_per_s})
+    progress.update(state.step, f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
+
+
+# ------------------------------------------------------------------------------ evaluate and checkpoint
+
+
+def evaluate(r: Recipe, state: TrainState) -> bool:
+    """Validation metrics, best tracking and a checkpoint; returns True when early stopping says stop."""
+    t = r.cfg.train
+    record = validation_metrics(r, state)
+    improved = state.record_eval(record.get(t.early_stop_metric), higher_is_better=t.early_stop_metric != "val_loss",
+                                 min_delta=t.min_delta)
+    record["best"] = improved
+    r.log.write(record)
+    state.history.append({k: v for k, v in record.items() if k != "event"})
+    r.say(_format_eval(record, t.early_stop_metric))
+    save_checkpoint(r, state, best=improved)
+    return t.patience is not None and state.bad_evals >= t.patience
+
+
+def validation_metrics(r: Recipe, state: TrainState) -> dict[str, Any]:
+    """An `eval` record: validation loss and perplexity, and generation metrics with `train.eval_generate`.
+    Every rank gets the same record, so that every rank takes the same early-stopping decision."""
+    t, d = r.cfg.train, r.dist
+    record: dict[str, Any] = {"event": "eval", "step": state.step, "epoch": state.epoch}
+    if r.data.val:
+        val_loss = evaluate_loss(r.model, r.data.val, batch_size=t.batch_size, pad_id=r.data.pad_id,
+                                 device=r.device, autocast=r.autocast)
+        record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+    if t.eval_generate and r.data.val_examples and d.main:
+        task = resolve_task("auto", r.cfg.data.format, str(r.cfg.data.train))
+        record.update(generation_metrics(r.model, r.tokenizer, r.data.val_examples[: t.eval_generate],
+                                         r.data.template, task))
+    if d.world > 1:
+        payload = [record]
+        dist.broadcast_object_list(payload, src=0)
+        record = payload[0]
+    return record
+
+
+def _format_eval(record: dict[str, Any], metric: str) -> str:
+    parts = [f"eval step {record['step']}"]
+    parts += [f"{k} {record[k]:.4f}" for k in ("val_loss", "val_ppl", "em", "f1", "bleu") if k in record]
+    if record.get("best"):
+        parts.append(f"(best {metric})")
+    return "  ".join(parts)
+
+
+def save_checkpoint(r: Recipe, state: TrainState, best: bool) -> None:
+    """Everything exact resume needs; `best` also points the `best` link at it. Collective under FSDP."""
+    state.train_time = state.elapsed()  # so a resumed run's wall time adds up
+    weights = r.par.trainable_state(r.model)
+    optimizer = r.par.optimizer_state(r.model, r.optimizer)
+    if r.dist.main:
+        ckpt.save_checkpoint(r.checkpoints, state.step, weights, {
+            "optimizer": optimizer, "scheduler": r.scheduler.state_dict(), "scaler": r.scaler.state_dict(),
+            "train_state": state.to_dict(),
+        }, best=best, keep=r.cfg.train.keep_checkpoints)
+    r.par.barrier()
+
+
+# ---------------------------------------------------------------------------------------------- finish
+
+
+def finish(r: Recipe, state: TrainState) -> dict[str, Any]:
+    """The result holds the best weights (or the last when nothing was evaluated); summary.json says how the
+    run went."""
+    best = ckpt.latest(r.checkpoints, "best")
+    if best is not None:
+        r.par.load_trainable_state(r.model, ckpt.load_checkpoint(best)[0], str(best))
+    summary = _summary(r, state)
+    result_model = r.model
+    if r.par.fsdp:  # gather the shards into one plain model (collective), saved by rank 0
+        full = r.par.full_model_state(r.model)
+        result_model = assemble_model(r.model.config, full) if r.dist.main else None
+    if r.dist.main:
+        target = save_result(result_model, r.tokenizer, r.out, method=r.cfg.method, backend=r.cfg.backend,
+                             base_model=r.cfg.model)
+        summary["result_bytes"] = dir_size(target)
+        write_summary(r.out, summary)
+        r.say(f"Done: {state.step} steps, best val loss {summary['best_val_loss']}, result in {r.out}")
+    r.log.close()
+    r.par.barrier()
+    return summary
+
+
+def _summary(r: Recipe, state: TrainState) -> dict[str, Any]:
+    trainable, total, percent = r.param_counts
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": percent,
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "best_step": state.best_step,
+        "best_val_loss": state.best_val_loss(),
+        "best_metric": {r.cfg.train.early_stop_metric: state.best_metric},
+        "early_stopped": state.early_stopped,
+        "wall_time_s": state.train_time,
+        "tokens_per_s": state.tokens_seen / max(state.train_time, 1e-9),
+        "peak_memory_bytes": peak_memory(r.device),
+        "data": r.data.report.as_dict(),
+        "method": r.cfg.method,
+        "backend": r.cfg.backend,
+        "model": r.cfg.model,
+        "world_size": r.dist.world,
+    }
