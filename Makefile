@@ -20,6 +20,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/qatune demo
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 .PHONY: install demo test
