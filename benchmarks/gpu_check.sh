@@ -14,7 +14,7 @@
 # then run(command="bash benchmarks/gpu_check.sh", carry=[".shared"], timeout_s=600).
 #
 # Sections, in priority order, with their runtime estimates (guesses for an H200 with 16 cores, not measured:
-# no GPU was lent when this was written; process start and imports included, the machine's own start not):
+# process start and imports included, the machine's own start not):
 #   env            nvidia-smi, versions                                                          ~10 s
 #   sdpa           which attention kernels native and hf run in bf16 (profiler op/kernel names), and
 #                  whether the native step runs with SDPA restricted to flash                    ~45 s
@@ -69,9 +69,9 @@ section agreement 45 "${PYCHECK[@]}" "$WORK/agreement.json" "fast_path_agreement
 section eager 90 "${BENCH[@]}" --shapes gpt2,gpt2-medium,gpt2-large --methods full,lora --backends native,native-fast,hf --json "$WORK/eager.json"
 section eager-xl-full 60 "${BENCH[@]}" --shapes gpt2-xl --methods full --backends native,native-fast,hf --json "$WORK/eager-xl-full.json"
 section eager-xl-lora 45 "${BENCH[@]}" --shapes gpt2-xl --methods lora --backends native,native-fast,hf --json "$WORK/eager-xl-lora.json"
-section triviaqa 60 "${BENCH[@]}" --steps 10 --shapes gpt2 --methods full,lora --backends native,native-fast,hf --real-data triviaqa --shared "$SHARED" --json "$WORK/triviaqa.json"
+section triviaqa 60 "${BENCH[@]}" --steps 10 --shapes gpt2 --methods full,lora --backends native,native-fast,hf --real-data "$SHARED/data/triviaqa/triviaqa_sm_sub.jsonl" --tokenizer "$SHARED/tokenizers/gpt2" --json "$WORK/triviaqa.json"
 section compile-gpt2 180 "${BENCH[@]}" --shapes gpt2 --methods full,lora --backends native,hf,hf-compile,native-compile --json "$WORK/compile-gpt2.json"
-section e2e 45 "${BENCH[@]}" --steps 10 --shapes gpt2 --methods lora --backends native,native-fast,hf --real-data e2e --shared "$SHARED" --json "$WORK/e2e.json"
+section e2e 45 "${BENCH[@]}" --steps 10 --shapes gpt2 --methods lora --backends native,native-fast,hf --real-data "$SHARED/data/e2e/valid.txt" --tokenizer "$SHARED/tokenizers/gpt2" --json "$WORK/e2e.json"
 for shape in gpt2-medium gpt2-large gpt2-xl; do
     section "compile-$shape" 240 "${BENCH[@]}" --shapes "$shape" --methods full,lora --backends native,hf,hf-compile,native-compile --json "$WORK/compile-$shape.json"
 done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -43,3 +44,13 @@ def test_qatune_own_imports_sit_at_the_top_of_each_file():
             if line.startswith((" ", "\t")) and line.lstrip().startswith(("from qatune", "import qatune", "from .")):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_no_function_in_training_is_longer_than_a_screen():
+    """The recipe reads in parts: every function of `qatune.training` fits on one screen (~60 lines)."""
+    long = []
+    for path in sorted((ROOT / "src" / "qatune" / "training").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

