@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qatune.cli.commands import main
+from qatune.data.prompts import PromptTemplate
 from qatune.data.readers import SAMPLE_DATA, group_references, load_examples
 from qatune.evaluation.measure import evaluate, generation_metrics, resolve_task
 from qatune.evaluation.metrics import generation_scores, qa_scores
@@ -49,7 +50,7 @@ def test_an_answer_that_is_right_scores_right(qa_gpt2_dir, tmp_path, monkeypatch
     import qatune.evaluation.measure as ev
 
     monkeypatch.setattr(ev, "answer_questions",
-                        lambda model, tok, questions, **kw: [truth[q] if i % 2 else "wrong" for i, q in
+                        lambda model, tok, questions, **kw: [truth[q.question] if i % 2 else "wrong" for i, q in
                                                              enumerate(questions)])
     metrics = evaluate(qa_gpt2_dir, "sample-test", out_dir=tmp_path, max_examples=6, batch_size=6)
     _, rows = _read(tmp_path)
@@ -105,5 +106,5 @@ def test_generation_metrics_keys(qa_gpt2_dir):
 
     model, tok = load_model(qa_gpt2_dir), load_tokenizer(qa_gpt2_dir)
     examples = load_examples(SAMPLE_DATA / "facts_test.jsonl")[:3]
-    scores = generation_metrics(model, tok, examples, "Question: {question}\nAnswer: {answer}")
+    scores = generation_metrics(model, tok, examples, PromptTemplate("Question: {question}\nAnswer: {answer}"))
     assert set(scores) == {"em", "f1"}

@@ -1,4 +1,4 @@
-"""The `qatune` command: train, eval, compare, ask, merge, download, bench, demo.
+"""The `qatune` command: train, eval, compare, ask, merge, export, push, download, bench, demo.
 
 Each command is a short function that calls the library; a `QatuneError` (a problem the user can fix) is
 printed as one line and exits with status 2.
@@ -14,11 +14,16 @@ from pathlib import Path
 from qatune.bench.runner import bench_command
 from qatune.cli.demo import run_demo
 from qatune.cli.parser import build_parser, generation_config
+from qatune.cli.push import push_run
 from qatune.compare.sweep import run_sweep
+from qatune.data.prompts import DEFAULT_TEMPLATE, draw_shots, make_prompt_format
+from qatune.data.readers import load_examples
 from qatune.errors import ConfigError, QatuneError
 from qatune.evaluation.measure import evaluate
+from qatune.evaluation.multiple_choice import evaluate_multiple_choice
 from qatune.generation.answer import answer_questions
-from qatune.generation.runs import load_for_inference, merge_run
+from qatune.generation.export import export_gguf
+from qatune.generation.runs import load_for_inference, merge_run, run_data_section
 from qatune.lora.adapters import load_adapter
 from qatune.models.download import download
 from qatune.models.loading import load_model
@@ -56,7 +61,17 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.out is None and not (Path(args.source) / "config.yaml").is_file():
         raise ConfigError(f"{args.source} is not a run directory: pass --out DIR for the results")
+    if args.task == "mc":  # multiple choice: no generation, no prompt template (the query is the prompt)
+        metrics = evaluate_multiple_choice(args.source, args.data, out_dir=args.out, max_examples=args.max_examples,
+                                           batch_size=args.batch_size, delimiter=args.mc_delimiter,
+                                           device=args.device)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    if args.few_shot and not args.shots_from:
+        raise ConfigError("--few-shot needs --shots-from FILE (e.g. the training data)")
+    shots = draw_shots(load_examples(args.shots_from), args.few_shot, args.shots_seed) if args.few_shot else []
     metrics = evaluate(args.source, args.data, out_dir=args.out, template=args.template,
+                       prompt_format=args.prompt_format, shots=shots,
                        generation=generation_config(args), batch_size=args.batch_size,
                        max_examples=args.max_examples, task=args.task, fmt=args.format, loss=args.loss,
                        device=args.device)
@@ -71,16 +86,16 @@ def _ask(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.model)
     else:
         model, tokenizer = load_for_inference(args.model, dtype=args.dtype, device=args.device)
-    # Instruction-tuned checkpoints (SmolLM2-Instruct) answer a bare QA template with an immediate end of turn;
-    # their chat template is what they were trained on. A fine-tuned run answers the QA template it learned.
-    chat = args.chat
-    if chat is None:
-        is_run = (Path(args.model) / "config.yaml").is_file() or args.adapter
-        chat = bool(getattr(tokenizer, "chat_template", None)) and not is_run
-    question = " ".join(args.question)
+    # A run answers in the format it was trained in; a model in its own (auto: its chat template if any).
+    run = run_data_section(args.model) or {}
+    style = make_prompt_format(args.prompt_format or run.get("prompt_format") or "auto",
+                               args.template or run.get("template") or DEFAULT_TEMPLATE, tokenizer)
+    question = " ".join(args.question).strip()
+    if not question:
+        raise ConfigError("the question is empty")
     streamer = _Streamer(tokenizer)
-    answer = answer_questions(model, tokenizer, [question], template=args.template,
-                              config=generation_config(args), chat=chat, streamer=streamer)[0]
+    answer = answer_questions(model, tokenizer, [question], prompt_format=style, config=generation_config(args),
+                              streamer=streamer)[0]
     if streamer.shown.strip() != answer:  # a stop string trimmed the streamed text: show the final answer
         sys.stdout.write("\n" + answer)
     sys.stdout.write("\n")
@@ -113,6 +128,10 @@ COMMANDS = {
     "compare": lambda args: _print_result(run_sweep(args.sweep, args.out)),
     "merge": lambda args: _print_result(merge_run(args.run_dir, args.out_dir)),
     "download": lambda args: _print_result(download(args.name)),
+    "export": lambda args: _print_result(export_gguf(args.source, args.out, out_type=args.out_type,
+                                                     tokenizer=args.tokenizer)),
+    "push": lambda args: _print_result(push_run(args.run_dir, args.repo_id, private=args.private,
+                                                dry_run=args.dry_run)),
     "bench": bench_command,
     "demo": lambda args: run_demo(out=args.out, epochs=args.epochs),
 }

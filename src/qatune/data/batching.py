@@ -1,9 +1,9 @@
 """Examples -> token features -> batches: answer-only labels, dynamic padding, packing (pure torch, no model).
 
 Conventions (docs/DESIGN.md): labels are aligned with `input_ids` and the loss shifts them (position t predicts
-`labels[t+1]`); -100 is ignored. A feature is `prompt tokens + completion tokens + EOS`, where the completion
-is " {answer}" (the whitespace before `{answer}` in the template belongs to the answer, so that generation fed
-with the prompt alone continues exactly as in training).
+`labels[t+1]`); -100 is ignored. A feature is the prompt format's segments, tokenised one by one (`prompts.py`:
+plain `prompt tokens + " {answer}" tokens + EOS`, or the chat template's turns), with labels on the answers only
+(`answer_only=True`), so that generation fed the prompt alone continues exactly as in training.
 
 Batch order is a pure function of (features, seed, epoch): the trainer resumes mid-epoch by calling
 `batches(..., epoch=e, skip=k)`, which yields exactly the batches that a full pass would yield after the
@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from qatune.data.prompts import PromptTemplate, TemplateError
+from qatune.data.prompts import PromptFormat, TemplateError
 from qatune.data.readers import DataReport, QAExample
 
 IGNORE_INDEX = -100
@@ -41,33 +41,35 @@ class Feature:
 
 
 def encode_example(
-    tokenizer: Any, ex: QAExample, template: PromptTemplate, max_length: int, answer_only: bool = True
+    tokenizer: Any, ex: QAExample, fmt: PromptFormat, max_length: int, answer_only: bool = True
 ) -> Feature | None:
-    """Tokenise prompt and completion separately (as generation sees them) and append EOS.
+    """Tokenise the format's segments separately (as generation sees the prompt) and label the trained ones;
+    the plain format appends EOS, the chat template ends its turns itself.
 
-    Too long: the prompt loses tokens on the LEFT (the question's end and "Answer:" survive) and the feature
-    is marked truncated. None when the completion + EOS leaves no room for at least one prompt token, since
-    then the answer's first token could not be predicted from anything.
+    Too long: tokens are cut on the LEFT (the question's end and the answer survive) and the feature is marked
+    truncated. None when the last trained segment leaves no room for at least one token before it, since then
+    the answer's first token could not be predicted from anything.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise TemplateError("the tokenizer has no eos_token_id; qatune ends every completion with EOS")
-    prompt_ids = tokenizer.encode(template.prompt(ex), add_special_tokens=False)
-    completion_ids = tokenizer.encode(template.completion(ex), add_special_tokens=False) + [eos]
-    room = max_length - len(completion_ids)
-    if room < 1:
-        return None
-    truncated = len(prompt_ids) > room
-    prompt_ids = prompt_ids[len(prompt_ids) - room :] if truncated else prompt_ids
-    input_ids = prompt_ids + completion_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids if answer_only else list(input_ids)
-    return Feature(input_ids, labels, truncated, ex.source)
+        raise TemplateError("the tokenizer has no eos_token_id; qatune ends every completion with it")
+    pieces = [(tokenizer.encode(text, add_special_tokens=False), label) for text, label in fmt.segments(ex)]
+    if fmt.append_eos:
+        pieces[-1] = (pieces[-1][0] + [eos], pieces[-1][1])
+    input_ids = [t for ids, _ in pieces for t in ids]
+    labels = [t if label or not answer_only else IGNORE_INDEX for ids, label in pieces for t in ids]
+    cut = len(input_ids) - max_length
+    if cut > 0:
+        if cut >= len(input_ids) - len(pieces[-1][0]):
+            return None
+        input_ids, labels = input_ids[cut:], labels[cut:]
+    return Feature(input_ids, labels, cut > 0, ex.source)
 
 
 def encode_dataset(
     tokenizer: Any,
     examples: Iterable[QAExample],
-    template: PromptTemplate,
+    fmt: PromptFormat,
     max_length: int,
     answer_only: bool = True,
     report: DataReport | None = None,
@@ -75,7 +77,7 @@ def encode_dataset(
     """Encode every example; truncated and dropped (too long) ones are counted in `report` with their sources."""
     features = []
     for ex in examples:
-        feature = encode_example(tokenizer, ex, template, max_length, answer_only)
+        feature = encode_example(tokenizer, ex, fmt, max_length, answer_only)
         if feature is None:
             if report is not None:
                 report.note_dropped(ex.source)

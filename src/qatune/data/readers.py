@@ -11,9 +11,11 @@ Supported inputs (`fmt="auto"` picks by extension):
 - E2E NLG (`.txt`): `meaning representation||reference` per line.
 - Hugging Face datasets: `hf:NAME`, a name that is not a local file, or a local directory/file with `fmt="hf"`.
 
-Record fields: question from `question` or `prompt`, or extracted from a TriviaQA-style `context` of the form
-"Question: ...\\nAnswer:"; answer from `answer`, `completion` or `answers` (a string, a list, or SQuAD's
-`{"text": [...]}`); optional `aliases` and `context`. Explicit `*_field` arguments override the defaults.
+Record fields: question from `question`, `prompt` or `qText` (WebQuestions), or extracted from a TriviaQA-style
+`context` of the form "Question: ...\\nAnswer:"; answer from `answer`, `completion` or `answers` (a string, a list
+of accepted answers, or SQuAD's `{"text": [...]}`); optional `aliases` and `context`. Explicit `*_field` arguments
+override the defaults. A record with `messages` is a conversation (`conversations.py`): its final assistant turn
+is the answer, and the chat prompt format trains on every assistant turn.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qatune.data.conversations import last_exchange, parse_messages
 from qatune.errors import ConfigError, DataError
 
-QUESTION_KEYS = ("question", "prompt")
+QUESTION_KEYS = ("question", "prompt", "qText")  # qText: WebQuestions (Berant et al. 2013)
 ANSWER_KEYS = ("answer", "completion", "answers")
 PROMPT_CONTEXT = re.compile(r"^Question:\s*(.*?)\s*\nAnswer:\s*$", re.DOTALL)
 UNANSWERABLE_POLICIES = ("skip", "empty", "error")
@@ -57,6 +60,7 @@ class QAExample:
     aliases: list[str]
     context: str | None = None
     source: str = ""
+    messages: list[dict[str, str]] | None = None  # a conversation (system/user/assistant turns), else None
 
 
 @dataclass
@@ -320,6 +324,10 @@ def _convert(items: Iterator[_Item], options: _Options, report: DataReport) -> l
 
 def _to_example(record: dict[str, Any], source: str, options: _Options, report: DataReport) -> QAExample | None:
     """Map one record to a QAExample; None means skipped as unanswerable (already reported)."""
+    if "messages" in record:
+        messages = parse_messages(record["messages"], source)
+        question, answer = last_exchange(messages)
+        return QAExample(question, answer, [answer], None, source, messages)
     fields = options.fields
     context_key = fields.context or ("context" if "context" in record else None)
     context = _text(record, context_key, source) if context_key else None

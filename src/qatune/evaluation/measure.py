@@ -18,21 +18,22 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from qatune.data.batching import encode_dataset
-from qatune.data.prompts import DEFAULT_TEMPLATE, PromptTemplate
+from qatune.data.prompts import DEFAULT_TEMPLATE, PromptFormat, make_prompt_format
 from qatune.data.readers import DataReport, QAExample, group_references, load_examples, resolve_data
 from qatune.errors import ConfigError, DataError
 from qatune.evaluation.loss import evaluate_loss
 from qatune.evaluation.metrics import bleu, generation_scores, per_example_qa, qa_scores, rouge_l
+from qatune.evaluation.model_card import write_model_card
 from qatune.generation.answer import answer_questions
 from qatune.generation.decode import GenerationConfig
-from qatune.generation.runs import load_for_inference
+from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.models.decoder import Decoder
 from qatune.utils.console import ProgressBar
 from qatune.utils.io import atomic_write_text
@@ -57,6 +58,8 @@ def evaluate(
     *,
     out_dir: str | os.PathLike | None = None,
     template: str | None = None,
+    prompt_format: str | None = None,
+    shots: Sequence[QAExample] = (),
     generation: GenerationConfig | None = None,
     batch_size: int = 16,
     max_examples: int | None = None,
@@ -69,39 +72,34 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a model source or a qatune run directory on `data`; returns (and writes) the metrics.
 
-    `template` and `max_length` (for the loss) default to the run's own (a run dir): a run is measured the
-    way it was trained; for a model, to the QA default template and 512. `max_examples` keeps the first N
+    `prompt_format` (auto | plain | chat), `template` and `max_length` (for the loss) default to the run's own
+    (a run dir): a run is measured the way it was trained; for a model, to `auto` (the model's own chat
+    format when its tokenizer has one), the QA default template and 512. `shots`: solved examples put before
+    every question (few-shot prompting; the loss is then not computed). `max_examples` keeps the first N
     examples (QA) or the first N distinct inputs (NLG). `out_dir` defaults to `RUN_DIR/eval` for a run
     directory; for a bare model nothing is written unless `out_dir` is given. `loss=False` skips the loss:
     on a slow machine it can cost as much as generating, and training's validation loss measures the same.
     """
     start = time.perf_counter()
-    run = _run_data(source)
+    run = run_data_section(source)
     template = template or (run or {}).get("template") or DEFAULT_TEMPLATE
+    prompt_format = prompt_format or (run or {}).get("prompt_format") or "auto"
     max_length = max_length or (run or {}).get("max_length") or _DEFAULT_MAX_LENGTH
     generation = generation or GenerationConfig(max_new_tokens=32)
     data_path = resolve_data(data)
     task = resolve_task(task, fmt, data_path)
     report = DataReport()
-    examples = load_examples(data_path, fmt=fmt, report=report)
-    if task == "nlg":
-        groups = group_references(examples)[:max_examples]
-        kept = {question for question, _ in groups}
-        examples = [ex for ex in examples if ex.question in kept]
-        inputs, references = [q for q, _ in groups], [refs for _, refs in groups]
-    else:
-        examples = examples[:max_examples]
-        inputs, references = [ex.question for ex in examples], [ex.aliases for ex in examples]
+    examples, inputs = _inputs(load_examples(data_path, fmt=fmt, report=report), task, max_examples)
     if not examples:
         raise DataError(f"no examples to evaluate in {data_path} ({report.summary()})")
 
     model, tokenizer = load_for_inference(source, device=device)
+    style = make_prompt_format(prompt_format, template, tokenizer)
     losses: dict[str, Any] = {"loss": None, "perplexity": None, "loss_examples": 0}
-    if loss:
-        losses = _answer_loss(model, tokenizer, examples, PromptTemplate(template), max_length, batch_size)
-    predictions = _generate(model, tokenizer, inputs, template, generation, batch_size, progress)
-    rows, scores = _score(task, inputs, predictions, references)
-
+    if loss and not shots:
+        losses = _answer_loss(model, tokenizer, examples, style, max_length, batch_size)
+    predictions = _generate(model, tokenizer, inputs, style, shots, generation, batch_size, progress)
+    rows, scores = _score(task, inputs, predictions)
     metrics = {
         "task": task,
         "source": str(source),
@@ -110,17 +108,21 @@ def evaluate(
         "inputs": len(inputs),
         **losses,
         **scores,
+        "prompt_format": style.name,
         "template": template,
+        "shots": len(shots),
         "generation": dataclasses.asdict(generation),
         "eval_time_s": time.perf_counter() - start,
     }
     out = Path(out_dir) if out_dir is not None else (Path(source) / "eval" if run else None)
     if out is not None:
         _write(out, metrics, rows)
+    if run is not None:  # a run's model card shows its RUN/eval/metrics.json figures
+        write_model_card(source)
     return metrics
 
 
-def generation_metrics(model: torch.nn.Module, tokenizer, examples: list[QAExample], template: str | PromptTemplate,
+def generation_metrics(model: torch.nn.Module, tokenizer, examples: list[QAExample], prompt_format: PromptFormat,
                        task: str = "qa") -> dict[str, float]:
     """Generation quality during training (`train.eval_generate`): `em`/`f1` (QA) or the NLG metrics.
 
@@ -129,33 +131,34 @@ def generation_metrics(model: torch.nn.Module, tokenizer, examples: list[QAExamp
     """
     if not isinstance(model, Decoder):
         raise ConfigError("train.eval_generate needs backend=native (generation runs on qatune's Decoder)")
-    template = template.template if isinstance(template, PromptTemplate) else template
-    if task == "nlg":
-        groups = group_references(examples)
-        inputs, references = [q for q, _ in groups], [refs for _, refs in groups]
-    else:
-        inputs, references = [ex.question for ex in examples], [ex.aliases for ex in examples]
+    _, inputs = _inputs(examples, task, None)
     config = GenerationConfig(max_new_tokens=64 if task == "nlg" else 32)
-    predictions = _generate(model, tokenizer, inputs, template, config, batch_size=16, progress=False)
-    _, scores = _score(task, inputs, predictions, references)
+    predictions = _generate(model, tokenizer, inputs, prompt_format, (), config, batch_size=16, progress=False)
+    _, scores = _score(task, inputs, predictions)
     return {k: v for k, v in scores.items() if isinstance(v, float)}
+
+
+def _inputs(examples: list[QAExample], task: str, max_examples: int | None
+            ) -> tuple[list[QAExample], list[QAExample]]:
+    """(the examples evaluated, the inputs generated for): for QA one input per example; for NLG one per
+    distinct input, its references every answer given for it (multi-reference BLEU)."""
+    if task != "nlg":
+        examples = examples[:max_examples]
+        return examples, examples
+    groups = group_references(examples)[:max_examples]
+    kept = {question for question, _ in groups}
+    inputs = [QAExample(question=q, answer=refs[0], aliases=refs) for q, refs in groups]
+    return [ex for ex in examples if ex.question in kept], inputs
 
 
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def _run_data(source: str | os.PathLike) -> dict[str, Any] | None:
-    """The `data` section of a run directory's config.yaml (None for a model source), read as plain YAML:
-    evaluating a run must not fail because it was trained by a qatune that knows other config keys."""
-    path = Path(source) / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}).get("data", {}) if path.is_file() else None
-
-
-def _answer_loss(model: Decoder, tokenizer, examples: list[QAExample], template: PromptTemplate, max_length: int,
+def _answer_loss(model: Decoder, tokenizer, examples: list[QAExample], style: PromptFormat, max_length: int,
                  batch_size: int) -> dict[str, Any]:
     """Teacher-forced answer-only loss with training's own evaluation loop (`evaluation.loss.evaluate_loss`)."""
     report = DataReport()
-    features = encode_dataset(tokenizer, examples, template, max_length, answer_only=True, report=report)
+    features = encode_dataset(tokenizer, examples, style, max_length, answer_only=True, report=report)
     if not features:  # every example longer than max_length
         return {"loss": None, "perplexity": None, "loss_examples": 0}
     device = next(model.parameters()).device
@@ -163,32 +166,32 @@ def _answer_loss(model: Decoder, tokenizer, examples: list[QAExample], template:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "loss_examples": len(features)}
 
 
-def _generate(model: Decoder, tokenizer, inputs: list[str], template: str, config: GenerationConfig,
-              batch_size: int, progress: bool) -> list[str]:
+def _generate(model: Decoder, tokenizer, inputs: list[QAExample], style: PromptFormat, shots: Sequence[QAExample],
+              config: GenerationConfig, batch_size: int, progress: bool) -> list[str]:
     """Answers in input order. Inputs are batched by length, which wastes less on left padding and changes no
     answer (the model takes positions from the attention mask); a progress bar on stderr."""
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i].question))
     answers: dict[int, str] = {}
     with ProgressBar("generate", len(inputs), enabled=progress) as bar:
         for i in range(0, len(order), batch_size):
             chunk = order[i:i + batch_size]
-            outputs = answer_questions(model, tokenizer, [inputs[j] for j in chunk], template=template,
-                                       config=config, batch_size=batch_size)
+            outputs = answer_questions(model, tokenizer, [inputs[j] for j in chunk], prompt_format=style,
+                                       config=config, shots=shots, batch_size=batch_size)
             answers.update(zip(chunk, outputs))
             bar.advance(len(chunk))
     return [answers[i] for i in range(len(inputs))]
 
 
-def _score(task: str, inputs: list[str], predictions: list[str], references: list[list[str]]
-           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _score(task: str, inputs: list[QAExample], predictions: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """predictions.jsonl rows (with per-input scores) and the aggregate scores."""
     rows = []
-    for inp, pred, refs in zip(inputs, predictions, references):
+    references = [ex.aliases for ex in inputs]
+    for ex, pred, refs in zip(inputs, predictions, references):
         if task == "nlg":  # sentence-level BLEU / ROUGE-L: for reading the rows; corpus scores are the result
             own = {"bleu": bleu([pred], [refs]), "rouge_l": rouge_l([pred], [refs])}
         else:
             own = per_example_qa(pred, refs)
-        rows.append({"input": inp, "prediction": pred, "references": refs, "scores": own})
+        rows.append({"input": ex.question, "prediction": pred, "references": refs, "scores": own})
     scores = generation_scores(predictions, references) if task == "nlg" else qa_scores(predictions, references)
     return rows, scores
 

@@ -37,6 +37,13 @@ def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, to
     return model, load_tokenizer(tokenizer or source)
 
 
+def run_data_section(source: str | os.PathLike) -> dict | None:
+    """The `data` section of a run directory's config.yaml (None for a model source), read as plain YAML:
+    using a run must not fail because it was trained by a qatune that knows other config keys."""
+    path = Path(source) / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}).get("data", {}) if path.is_file() else None
+
+
 def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """`qatune merge RUN OUT`: a LoRA run directory (`RUN/config.yaml` naming the base model, `RUN/adapter`)
     -> a standalone Hugging Face checkpoint in OUT, tokenizer included."""

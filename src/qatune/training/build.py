@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qatune.data.batching import Feature, encode_dataset
-from qatune.data.prompts import PromptTemplate
+from qatune.data.prompts import PromptFormat, make_prompt_format
 from qatune.data.readers import DataReport, QAExample, load_examples, split_train_val
 from qatune.errors import ConfigError, DataError
 from qatune.lora.inject import apply_lora
@@ -47,12 +47,12 @@ def seed_everything(seed: int) -> None:
 @dataclass
 class TrainingData:
     """Tokenised training and validation features, the validation examples (for generation metrics), the
-    template that made them and the report of every skipped or truncated record."""
+    prompt format that made them and the report of every skipped or truncated record."""
 
     train: list[Feature]
     val: list[Feature]
     val_examples: list[QAExample]
-    template: PromptTemplate
+    prompt_format: PromptFormat
     report: DataReport
     pad_id: int
 
@@ -78,12 +78,12 @@ def read_examples(d: DataSection, seed: int) -> tuple[list[QAExample], list[QAEx
 
 
 def prepare_data(d: DataSection, tokenizer: Any, seed: int) -> TrainingData:
-    """Examples read and tokenised (answer-only labels unless `data.answer_only=false`)."""
+    """Examples read and tokenised in the prompt format (answer-only labels unless `data.answer_only=false`)."""
     train_ex, val_ex, report = read_examples(d, seed)
-    template = PromptTemplate(d.template)
-    train = encode_dataset(tokenizer, train_ex, template, d.max_length, d.answer_only, report)
-    val = encode_dataset(tokenizer, val_ex, template, d.max_length, d.answer_only, report)
-    return TrainingData(train, val, val_ex, template, report, tokenizer.pad_token_id)
+    style = make_prompt_format(d.prompt_format, d.template, tokenizer)
+    train = encode_dataset(tokenizer, train_ex, style, d.max_length, d.answer_only, report)
+    val = encode_dataset(tokenizer, val_ex, style, d.max_length, d.answer_only, report)
+    return TrainingData(train, val, val_ex, style, report, tokenizer.pad_token_id)
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:

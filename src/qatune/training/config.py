@@ -19,11 +19,12 @@ from typing import Any
 
 import yaml
 
-from qatune.data.prompts import DEFAULT_TEMPLATE
+from qatune.data.prompts import DEFAULT_TEMPLATE, PROMPT_FORMATS
 from qatune.data.readers import FORMATS, UNANSWERABLE_POLICIES
 from qatune.errors import ConfigError
 from qatune.lora.layer import LoRAConfig
 from qatune.models.loading import DTYPE_NAMES
+from qatune.training.loggers import report_targets
 from qatune.training.optim import PRECISIONS, SCHEDULES
 from qatune.training.state import EARLY_STOP_METRICS
 from qatune.utils.io import atomic_write_text
@@ -45,7 +46,8 @@ class DataSection:
     aliases_field: str | None = None
     squad_unanswerable: str = "skip"  # skip | empty (kept, answer "unanswerable") | error
     skip_invalid: bool = False  # skip (and report) malformed records instead of failing
-    template: str = DEFAULT_TEMPLATE
+    prompt_format: str = "auto"  # auto (chat when the tokenizer has a chat template) | plain | chat
+    template: str = DEFAULT_TEMPLATE  # the plain format's template
     max_length: int = 512
     answer_only: bool = True  # loss on answer tokens only
     max_examples: int | None = None  # cap on training examples (quick runs), applied after the split
@@ -81,7 +83,9 @@ class TrainSection:
     compile: bool = False
     gradient_checkpointing: bool = False
     log_every: int = 1
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as report_to including tensorboard
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow, wandb
+    run_group: str | None = None  # trackers' experiment / group (`qatune compare` sets the sweep's name)
     progress: bool = True
 
 
@@ -120,8 +124,10 @@ class RunConfig:
         _choice("train.early_stop_metric", t.early_stop_metric, EARLY_STOP_METRICS)
         _choice("data.squad_unanswerable", d.squad_unanswerable, UNANSWERABLE_POLICIES)
         _choice("data.format", d.format, FORMATS)
+        _choice("data.prompt_format", d.prompt_format, PROMPT_FORMATS)
         if t.base_dtype is not None:
             _choice("train.base_dtype", t.base_dtype, DTYPE_NAMES)
+        report_targets(t.report_to, t.tensorboard)  # names a tracker that does not exist: ConfigError
         for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
                            ("train.grad_accum", t.grad_accum), ("data.max_length", d.max_length),
                            ("train.log_every", t.log_every)):

@@ -40,6 +40,7 @@ from qatune.data.batching import collate_plan, count_tokens, plan_batches, to_de
 from qatune.errors import ConfigError
 from qatune.evaluation.loss import evaluate_loss
 from qatune.evaluation.measure import generation_metrics, resolve_task
+from qatune.evaluation.model_card import write_model_card
 from qatune.lora.inject import count_parameters, format_parameter_count
 from qatune.models.loading import build_model as assemble_model
 from qatune.models.tokenizer import load_tokenizer
@@ -141,7 +142,9 @@ def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
     recipe = Recipe(cfg, d, device, out, tokenizer, data, model, loss_module, par, optimizer, scheduler, scaler,
                     autocast_factory(device, t.precision), plan, param_counts, log=None, say=say)
     state = resume(recipe) if cfg.resume else TrainState()
-    log = MetricsLog(out / "metrics.jsonl", d.main, state.step if cfg.resume else None, t.tensorboard)
+    log = MetricsLog(out / "metrics.jsonl", d.main, state.step if cfg.resume else None, t.tensorboard,
+                     report_to=t.report_to, group=t.run_group)
+    log.log_params(cfg.to_dict())
     return dataclasses.replace(recipe, log=log), state
 
 
@@ -284,7 +287,7 @@ def validation_metrics(r: Recipe, state: TrainState) -> dict[str, Any]:
     if t.eval_generate and r.data.val_examples and d.main:
         task = resolve_task("auto", r.cfg.data.format, str(r.cfg.data.train))
         record.update(generation_metrics(r.model, r.tokenizer, r.data.val_examples[: t.eval_generate],
-                                         r.data.template, task))
+                                         r.data.prompt_format, task))
     if d.world > 1:
         payload = [record]
         dist.broadcast_object_list(payload, src=0)
@@ -332,8 +335,9 @@ def finish(r: Recipe, state: TrainState) -> dict[str, Any]:
                              base_model=r.cfg.model)
         summary["result_bytes"] = dir_size(target)
         write_summary(r.out, summary)
+        write_model_card(r.out)  # README.md beside the result: Hugging Face model card
         r.say(f"Done: {state.step} steps, best val loss {summary['best_val_loss']}, result in {r.out}")
-    r.log.close()
+    r.log.finish(summary)
     r.par.barrier()
     return summary
 
