@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from qatune.compare.report import Config, verdict
+from qatune.compare.configs import Config
+from qatune.compare.report import verdict
+from qatune.compare.run import select
 from qatune.compare.sweep import load_sweep
 from qatune.errors import QatuneError
 
@@ -74,29 +77,66 @@ def test_sweep_resumes_after_sigkill_and_reports(qa_gpt2_dir, tmp_path):
         assert f"]({name})" in report and (out / name).stat().st_size > 1000
 
 
-def _config(method: str, rank: int | None, f1s: list[float], params: int, size: int, stderr: float = 1.0) -> Config:
-    rows = [{"eval": {"f1": f1}, "quality_stderr": stderr, "trainable_params": params, "result_bytes": size,
-             "peak_memory_bytes": 2e9 if method == "full" else 1e9, "wall_time_s": 100.0} for f1 in f1s]
-    return Config(method, rank, rows)
+def _config(method: str, rank: int | None, per_seed: list[np.ndarray], params: int, size: int) -> Config:
+    rows = [{"item_scores": {"test": {"f1": list(scores)}}, "trainable_params": params, "trainable_percent":
+             100 * params / 135e6, "result_bytes": size, "peak_memory_bytes": 2e9 if method == "full" else 1e9,
+             "wall_time_s": 100.0, "point": {}} for scores in per_seed]
+    return Config(method, rank, rows, shots=3 if method == "k-shot" else 0)
 
 
-def test_verdict_follows_the_numbers():
-    zero = _config("zero-shot", None, [2.0], 0, 0)
-    full = _config("full", None, [40.0, 42.0], 135_000_000, 540_000_000)
-    close = _config("lora", 8, [40.5, 41.0], 460_000, 1_800_000)
-    text = verdict([zero, full, close], "qa")
-    assert "LoRA r=8 is within the noise of full fine-tuning" in text and "worth it" in text
-    assert "0.34% of the trainable parameters" in text and "1/300 of the disk" in text
+def _verdict(*configs: Config) -> str:
+    return "\n".join(verdict(list(configs), {"task": "qa", "extra_eval": []}))
 
-    behind = _config("lora", 8, [37.5, 37.5], 460_000, 1_800_000)
-    assert "full fine-tuning wins by 3.5 points, but LoRA keeps 91%" in verdict([zero, full, behind], "qa")
-    unresolved = [_config("full", None, [41.0], 135_000_000, 540_000_000, stderr=3.0),
-                  _config("lora", 8, [36.0], 460_000, 1_800_000, stderr=3.0)]
-    assert "cannot separate the two" in verdict([zero, *unresolved], "qa")
-    far = _config("lora", 8, [10.0, 12.0], 460_000, 1_800_000)
-    assert "LoRA reaches only 27%" in verdict([zero, full, far], "qa")
-    flat = _config("full", None, [2.5], 135_000_000, 540_000_000)
-    assert "cannot tell" in verdict([zero, flat, _config("lora", 4, [2.2], 1, 1)], "qa")
+
+def test_verdict_follows_the_paired_intervals():
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0, 100, 300)
+    noisy = lambda shift: np.clip(difficulty + shift + rng.normal(0, 2, 300), 0, 100)
+    zero = _config("zero-shot", None, [np.clip(difficulty - 30, 0, 100)], 0, 0)
+    few = _config("k-shot", None, [np.clip(difficulty - 20, 0, 100)], 0, 0)
+    full = _config("full", None, [noisy(0), noisy(0)], 135_000_000, 540_000_000)
+    same = _config("lora", 8, [noisy(0), noisy(0)], 460_000, 1_800_000)
+    text = _verdict(zero, few, full, same)
+    assert "LoRA r=8 and full fine-tuning are indistinguishable" in text and "LoRA is worth it here" in text
+    assert "beat the 3-shot baseline" in text
+    assert "0.34% of the parameters" in text and "1/300 of the disk" in text and "0.50x the peak memory" in text
+
+    behind = _config("lora", 8, [noisy(-3), noisy(-3)], 460_000, 1_800_000)
+    text = _verdict(zero, few, full, behind)
+    assert "LoRA r=8 trails full fine-tuning by 3.0 F1 [2." in text and "full fine-tuning learns more" in text
+
+    flat = [_config(m, 8 if m == "lora" else None, [np.clip(difficulty - 20, 0, 100)], 1, 1) for m in ("full", "lora")]
+    assert "fine-tuning is not worth it" in _verdict(zero, few, *flat)
+
+
+def test_selection_reads_validation_only(tmp_path):
+    """The picked grid point never changes when test scores are perturbed, and follows the validation loss."""
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"models": ["m"], "methods": ["lora"], "ranks": [8], "seeds": [0],
+                                          "grid": {"lora": {"train.lr": [1e-4, 3e-4, 1e-3]}},
+                                          "eval": {"data": "sample-test"}}))
+    sweep, out = load_sweep(sweep_file), tmp_path / "out"
+    candidates = sweep.candidates()
+    rng = np.random.default_rng(0)
+
+    def write(run, val_loss: float, test_f1: float) -> None:
+        run_dir = out / "runs" / run.name
+        (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"event": "eval", "step": 1, "val_loss": val_loss}) + "\n")
+        (run_dir / "eval" / "metrics.json").write_text(json.dumps({"f1": test_f1}))
+
+    val = [2.0, 1.5, 1.8]
+    for run, v in zip(candidates, val):
+        write(run, v, 50.0)
+    picked = select(sweep, out)
+    assert picked == {("m", "lora", 8): (("train.lr", 3e-4),)}
+    for _ in range(20):  # any test scores, however extreme: the same pick
+        for run, v in zip(candidates, val):
+            write(run, v, float(rng.uniform(0, 100)))
+        assert select(sweep, out) == picked
+    write(candidates[2], 1.0, 0.0)  # a better validation loss moves the pick, even with the worst test score
+    assert select(sweep, out) == {("m", "lora", 8): (("train.lr", 1e-3),)}
+    assert json.loads((out / "selection.json").read_text())["picked"] == [candidates[2].name]
 
 
 def test_sweep_file_is_checked(tmp_path):
@@ -107,3 +147,46 @@ def test_sweep_file_is_checked(tmp_path):
     path.write_text(yaml.safe_dump({"models": ["gpt2"], "eval": {"data": "x"}, "epochs": 3}))
     with pytest.raises(QatuneError, match="unknown sweep key"):
         load_sweep(path)
+
+
+@pytest.mark.slow
+def test_sweep_with_a_grid_baselines_and_extra_sets(qa_gpt2_dir, tmp_path):
+    """Selection on validation, a 2-shot baseline, an unseen QA set and a multiple-choice set, end to end."""
+    unseen = tmp_path / "unseen.json"
+    unseen.write_text(json.dumps([{"qId": f"q{i}", "qText": f"what is item {i}?", "answers": [f"item {i}"]}
+                                  for i in range(5)]))
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"query": f"Question: pick {i}", "choices": ["yes", "no", "maybe so"],
+                                      "gold": i % 3}) + "\n" for i in range(6)))
+    sweep = {
+        "name": "grid", "models": [str(qa_gpt2_dir)], "methods": ["full", "lora"], "ranks": [4], "seeds": [0, 1],
+        "zero_shot": True, "few_shot": 2, "grid": {"lora": {"train.lr": [1e-3, 1e-2]}},
+        "slices": {"train": {"source": "sample", "start": 0, "stop": 40}},
+        "base": {"data": {"train": "slice:train", "max_length": 64},
+                 "train": {"max_steps": 2, "batch_size": 4, "eval_every": 1, "progress": False}},
+        "eval": {"data": "sample-test", "max_examples": 6, "generation": {"max_new_tokens": 3}},
+        "extra_eval": [{"name": "unseen", "data": str(unseen), "task": "qa"},
+                       {"name": "mc", "data": str(mc), "task": "mc"}],
+    }
+    path, out = tmp_path / "sweep.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(sweep))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    done = subprocess.run(_compare(path, out), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    label = qa_gpt2_dir.name
+    selection = json.loads((out / "selection.json").read_text())
+    assert len(selection["candidates"]) == 3  # full (no grid) + LoRA's two learning rates, first seed only
+    picked_lora = [n for n in selection["picked"] if "-lora-" in n]
+    assert len(picked_lora) == 2 and {n[-3:] for n in picked_lora} == {"-s0", "-s1"}
+    names = [r["name"] for r in results["runs"]]
+    assert names[:2] == [f"{label}-zero-shot", f"{label}-2-shot"] and len(names) == 6
+    base = results["runs"][0]
+    assert len(base["item_scores"]["test"]["f1"]) == 6 and len(base["item_scores"]["unseen"]["f1"]) == 5
+    assert len(base["item_scores"]["mc"]["acc_norm"]) == 6 and "mc" not in results["runs"][1]["item_scores"]
+    report = (out / "report.md").read_text()
+    for text in ("### Learning: the test set", "### Generalisation: unseen", "### Forgetting: mc", "| 2-shot |",
+                 "**Learns.**", "**Generalises (unseen).**", "**Forgets (mc).**", "**Costs.**", "**Conclusion:**",
+                 "picked on the validation set only", "train.lr=0.01"):
+        assert text in report, text
+    assert (out / f"{label}-changes.png").stat().st_size > 1000

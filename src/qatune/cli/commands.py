@@ -7,6 +7,7 @@ printed as one line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from qatune.bench.runner import bench_command
 from qatune.cli.demo import run_demo
 from qatune.cli.parser import build_parser, generation_config
 from qatune.cli.push import push_run
-from qatune.compare.sweep import run_sweep
+from qatune.compare.run import run_sweep
 from qatune.data.prompts import DEFAULT_TEMPLATE, draw_shots, make_prompt_format
 from qatune.data.readers import load_examples
 from qatune.errors import ConfigError, QatuneError
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except QatuneError as e:
         print(f"qatune: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk where no writer named the file (StorageError, above, is the usual case)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"qatune: error: cannot write {e.filename or 'a file'}: no space left on device", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qatune: interrupted", file=sys.stderr)
@@ -80,6 +86,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    question = " ".join(args.question).strip()
+    if not question:  # refused before a model is loaded
+        raise ConfigError("the question is empty")
     if args.adapter:
         model = load_model(args.model, dtype=args.dtype, device=args.device)
         load_adapter(model, args.adapter)
@@ -90,9 +99,6 @@ def _ask(args: argparse.Namespace) -> int:
     run = run_data_section(args.model) or {}
     style = make_prompt_format(args.prompt_format or run.get("prompt_format") or "auto",
                                args.template or run.get("template") or DEFAULT_TEMPLATE, tokenizer)
-    question = " ".join(args.question).strip()
-    if not question:
-        raise ConfigError("the question is empty")
     streamer = _Streamer(tokenizer)
     answer = answer_questions(model, tokenizer, [question], prompt_format=style, config=generation_config(args),
                               streamer=streamer)[0]

@@ -1,0 +1,56 @@
+"""The rows of a report: a baseline or a (method, rank) configuration, with its runs over seeds and their
+per-item scores."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# The per-item score each task's comparisons use, and its label; multiple choice uses acc_norm.
+MAIN_SCORE = {"qa": ("f1", "F1"), "nlg": ("bleu", "sentence BLEU"), "mc": ("acc_norm", "acc_norm")}
+SECOND_SCORE = {"qa": ("em", "EM"), "nlg": ("rouge_l", "ROUGE-L"), "mc": ("acc", "acc")}
+
+
+@dataclass
+class Config:
+    """One row of the report: a baseline, or a (method, rank) configuration's runs over seeds."""
+
+    method: str
+    rank: int | None
+    rows: list[dict[str, Any]]
+    shots: int = 0
+    scores: dict[tuple[str, str], np.ndarray | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def label(self) -> str:
+        if self.method == "lora":
+            return f"LoRA r={self.rank if self.rank is not None else self.rows[0]['point'].get('lora.r')}"
+        return f"{self.shots}-shot" if self.method == "k-shot" else self.method
+
+    @property
+    def trained(self) -> bool:
+        return self.method in ("full", "lora")
+
+    def matrix(self, dataset: str, key: str) -> np.ndarray | None:
+        """Per-item scores `[seeds, items]` on a dataset (None when this row was not scored on it)."""
+        if (dataset, key) not in self.scores:
+            found = [row.get("item_scores", {}).get(dataset, {}).get(key) for row in self.rows]
+            self.scores[(dataset, key)] = np.asarray(found, dtype=float) if all(found) else None
+        return self.scores[(dataset, key)]
+
+    def mean(self, field_name: str) -> float | None:
+        values = [row.get(field_name) for row in self.rows if row.get(field_name) is not None]
+        return statistics.fmean(values) if values else None
+
+
+def group(results: dict[str, Any]) -> dict[str, list[Config]]:
+    """Rows grouped by base model, then by configuration, in sweep order (baselines first)."""
+    models: dict[str, dict[tuple, Config]] = {}
+    for row in results["runs"]:
+        key = (row["method"], row["rank"], row.get("shots", 0))
+        cells = models.setdefault(row["model"], {})
+        cells.setdefault(key, Config(row["method"], row["rank"], [], row.get("shots", 0))).rows.append(row)
+    return {model: list(cells.values()) for model, cells in models.items()}

@@ -1,0 +1,99 @@
+"""The report's plots: validation-loss curves, test quality with intervals against trainable parameters, the
+paired changes against the base model on every set, and the costs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qatune.compare.configs import MAIN_SCORE as _MAIN
+from qatune.compare.configs import Config
+from qatune.compare.stats import mean_interval, paired_difference
+
+
+def draw_plots(slug: str, configs: list[Config], results: dict[str, Any], out: Path) -> list[str]:
+    """Writes the PNGs into `out`; returns their file names."""
+    import matplotlib  # heavy: imported only when plots are drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{slug}-val-loss.png", f"{slug}-quality-vs-params.png", f"{slug}-changes.png", f"{slug}-cost.png"]
+    for name, draw in zip(names, (_val_loss, _quality, _changes, _cost)):
+        fig = draw(plt, configs, results)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+    plt.close("all")
+    return names
+
+
+def _val_loss(plt, configs: list[Config], results: dict[str, Any]):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    trained = [c for c in configs if c.trained]
+    for i, c in enumerate(trained):
+        for j, row in enumerate(c.rows):
+            if row.get("val_curve"):
+                # x in training examples, not steps: the methods' recipes use different batch sizes
+                per_step = row["config"]["train"]["batch_size"] * row["config"]["train"]["grad_accum"]
+                steps, losses = zip(*row["val_curve"])
+                ax.plot([s * per_step for s in steps], losses, marker="o", markersize=3,
+                        label=c.label if j == 0 else None, color=f"C{i}")
+    ax.set(xlabel="training examples seen", ylabel="validation loss", title="Validation loss (answer tokens)")
+    ax.legend()
+    return fig
+
+
+def _quality(plt, configs: list[Config], results: dict[str, Any]):
+    key, name = _MAIN[results["task"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, c in enumerate(configs):
+        interval = mean_interval(c.matrix("test", key))
+        if c.trained:
+            yerr = [[interval.estimate - interval.low], [interval.high - interval.estimate]]
+            ax.errorbar(c.mean("trainable_params"), interval.estimate, yerr=yerr, fmt="o", capsize=3,
+                        color=f"C{i}", label=c.label)
+        else:
+            ax.axhline(interval.estimate, linestyle="--", color=f"C{i}", label=f"{c.label} (untrained)")
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters (log)", ylabel=f"test {name}",
+           title=f"Test {name} vs trainable parameters (95% intervals)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _changes(plt, configs: list[Config], results: dict[str, Any]):
+    """Each trained configuration minus the base model, per set, with paired intervals."""
+    base = next((c for c in configs if c.method == "zero-shot"), None)
+    sets = [("test", results["task"])] + [(s["name"], s["task"]) for s in results.get("extra_eval", [])]
+    trained = [c for c in configs if c.trained]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sets)), 4))
+    width = 0.8 / max(len(trained), 1)
+    for i, c in enumerate(trained):
+        for j, (dataset, task) in enumerate(sets):
+            key = _MAIN[task][0]
+            if base is None or c.matrix(dataset, key) is None or base.matrix(dataset, key) is None:
+                continue
+            d = paired_difference(c.matrix(dataset, key), base.matrix(dataset, key))
+            ax.errorbar(j + (i - (len(trained) - 1) / 2) * width, d.estimate,
+                        yerr=[[d.estimate - d.low], [d.high - d.estimate]], fmt="o", capsize=3, color=f"C{i}",
+                        label=c.label if j == 0 else None)
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(sets)), [f"{d}\n({_MAIN[t][1]})" for d, t in sets])
+    ax.set(ylabel="change vs base model (points)", title="Learning, generalisation, forgetting (95% paired intervals)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _cost(plt, configs: list[Config], results: dict[str, Any]):
+    trained = [c for c in configs if c.trained]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    labels = [c.label for c in trained]
+    for ax, (field, scale, ylabel) in zip(axes, [("peak_memory_bytes", 2**30, "peak memory (GiB)"),
+                                                 ("wall_time_s", 60, "training time (min)"),
+                                                 ("result_bytes", 2**20, "saved result (MiB, log)")]):
+        ax.bar(labels, [(c.mean(field) or 0) / scale for c in trained], color=[f"C{i}" for i in range(len(trained))])
+        ax.set_ylabel(ylabel)
+        ax.tick_params(axis="x", rotation=30)
+        if field == "result_bytes":
+            ax.set_yscale("log")
+    return fig

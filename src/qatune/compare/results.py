@@ -1,0 +1,114 @@
+"""results.json: everything the report needs from a finished sweep, small enough to commit.
+
+Per run: what it is (model, method, rank, seed, grid point), what training measured (summary.json: parameters,
+memory, time, validation loss and curve), and what each evaluation measured, with the per-item scores
+(`item_scores`) that the paired statistics of the report resample.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qatune.compare.sweep import Point, Run, Sweep
+from qatune.evaluation.measure import resolve_task
+from qatune.utils.env import machine_info
+
+_SUMMARY_KEYS = ("trainable_params", "total_params", "trainable_percent", "peak_memory_bytes", "wall_time_s",
+                 "tokens_per_s", "best_val_loss", "steps", "early_stopped")
+_ITEM_KEYS = {"qa": ("f1", "em"), "nlg": ("bleu", "rouge_l"), "mc": ("acc", "acc_norm")}
+
+
+def selection_value(run_dir: Path, metric: str) -> float | None:
+    """The best value of `metric` over a run's evaluations (metrics.jsonl): lowest val_loss, highest em/f1/bleu."""
+    events = [json.loads(line) for line in _lines(run_dir / "metrics.jsonl")]
+    values = [e[metric] for e in events if e.get("event") == "eval" and e.get(metric) is not None]
+    if not values:
+        return None
+    return min(values) if metric == "val_loss" else max(values)
+
+
+def collect_results(sweep: Sweep, out: Path, picks: dict[tuple[str, str, int | None], Point]) -> dict[str, Any]:
+    ev = sweep.eval
+    task = resolve_task(ev.get("task", "auto"), ev.get("format", "auto"), ev["data"])
+    finals = sweep.finals(picks)
+    rows = [_evaluated_row(sweep, out, run, task) for run in sweep.baselines() + finals]
+    tried = [_candidate_row(sweep, out, run, run in finals) for run in sweep.candidates()]
+    invocations = json.loads((out / "sweep.json").read_text())["invocations"]
+    return {"sweep": sweep.name, "environment": machine_info(), "sweep_file": str(sweep.path),
+            "description": sweep.description, "task": task, "eval": ev, "extra_eval": sweep.extra_eval,
+            "base": sweep.base, "slices": sweep.slices, "seeds": sweep.seeds, "few_shot": sweep.few_shot,
+            "select_metric": sweep.select_metric,
+            "wall_time_s": sum(i["elapsed_s"] for i in invocations), "invocations": len(invocations),
+            "runs": rows, "selection": tried}
+
+
+def _evaluated_row(sweep: Sweep, out: Path, run: Run, task: str) -> dict[str, Any]:
+    run_dir = out / "runs" / run.name
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    row: dict[str, Any] = {
+        "name": run.name, "model": run.model, "method": run.method, "rank": run.rank, "seed": run.seed,
+        "point": dict(run.point), "shots": run.shots,
+        "eval": {k: v for k, v in metrics.items() if k not in ("generation", "template", "source")},
+        "item_scores": {"test": _item_scores(run_dir / "eval", task)}, "extra": {},
+    }
+    row["empty_predictions"] = sum(not p["prediction"] for p in _predictions(run_dir / "eval"))
+    for spec in sweep.extra_eval if run.method != "k-shot" else []:
+        where = run_dir / f"eval-{spec['name']}"
+        extra = json.loads((where / "metrics.json").read_text())
+        row["extra"][spec["name"]] = {k: v for k, v in extra.items() if isinstance(v, (int, float))}
+        row["item_scores"][spec["name"]] = _item_scores(where, spec["task"])
+    if run.trained:
+        row.update(_training_facts(run_dir, run))
+    return row
+
+
+def _training_facts(run_dir: Path, run: Run) -> dict[str, Any]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    facts: dict[str, Any] = {k: summary.get(k) for k in _SUMMARY_KEYS}
+    facts["result_bytes"] = _weights_size(run_dir / ("adapter" if run.method == "lora" else "model"))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    facts["config"] = {
+        "train": {k: config["train"].get(k) for k in ("epochs", "max_steps", "batch_size", "grad_accum", "lr",
+                                                      "schedule", "warmup_steps")},
+        "data": {k: config["data"].get(k) for k in ("train", "val", "val_fraction", "max_length", "max_examples",
+                                                    "template", "prompt_format")},
+        "lora": config["lora"] if run.method == "lora" else None,
+    }
+    events = [json.loads(line) for line in _lines(run_dir / "metrics.jsonl")]
+    facts["val_curve"] = [[e["step"], e["val_loss"]] for e in events if e.get("event") == "eval" and "val_loss" in e]
+    return facts
+
+
+def _candidate_row(sweep: Sweep, out: Path, run: Run, picked: bool) -> dict[str, Any]:
+    return {"name": run.name, "model": run.model, "method": run.method, "rank": run.rank, "point": dict(run.point),
+            "picked": picked, sweep.select_metric: selection_value(out / "runs" / run.name, sweep.select_metric)}
+
+
+def _item_scores(eval_dir: Path, task: str) -> dict[str, list[float]]:
+    """Per-item scores in points (0-100) in the data's order, for the paired statistics: QA F1/EM, sentence
+    BLEU/ROUGE-L, or multiple-choice correctness (acc, acc_norm)."""
+    rows = _predictions(eval_dir)
+    if task == "mc":
+        return {"acc": [100.0 * r["correct_acc"] for r in rows], "acc_norm": [100.0 * r["correct_norm"] for r in rows]}
+    scale = 1.0 if task == "nlg" else 100.0
+    return {key: [scale * (r["scores"][key] or 0.0) for r in rows] for key in _ITEM_KEYS[task]}
+
+
+def _predictions(eval_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _lines(eval_dir / "predictions.jsonl")]
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _weights_size(result: Path) -> int:
+    """Bytes of the saved weights and their config. summary.json's `result_bytes` also counts the tokenizer
+    files saved alongside, a few MB that would swamp a LoRA adapter's size and hide the ratio that matters:
+    what each additional fine-tuned task costs on disk."""
+    patterns = ("*.safetensors", "*.bin", "config.json", "adapter_config.json")
+    return sum(f.stat().st_size for pattern in patterns for f in result.glob(pattern))

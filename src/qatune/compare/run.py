@@ -1,0 +1,213 @@
+"""`qatune compare SWEEP.yaml`: carry a sweep out, then write results.json and report.md.
+
+    prepare    slices written, every run's train config written and validated (a typo fails now, not in an hour)
+    select     each configuration's grid points trained with the first seed; the best validation metric picks
+    train      the picked points trained with the remaining seeds
+    evaluate   baselines and picked runs scored on the test set and every `extra_eval` set
+    report     results.json (per-item scores included) -> report.md, plots and the verdict
+
+Each training runs in its own `python -m qatune train` process, so a killed sweep leaves only files that `train`
+itself leaves consistent (atomic checkpoints, summary.json written last), and every run's peak memory is its own.
+Resuming is rerunning: a trained run (summary.json) is never trained again, an evaluation with its metrics.json
+is never redone, a run with checkpoints but no summary resumes from its last checkpoint (exact).
+
+Layout under OUT: `data/` (slices), `configs/NAME.yaml`, `runs/NAME/` (train's run directory, `eval/` for the
+test set, `eval-<extra>/` for each extra set, `train.log`), `selection.json`, `sweep.json` (wall time of each
+invocation), `results.json`, `report.md` and the plots.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qatune.compare.report import write_report
+from qatune.compare.results import collect_results, selection_value
+from qatune.compare.sweep import Point, Run, Sweep, load_sweep, substitute, write_slices
+from qatune.data.prompts import draw_shots
+from qatune.data.readers import load_examples
+from qatune.errors import ConfigError, QatuneError
+from qatune.evaluation.measure import evaluate
+from qatune.evaluation.multiple_choice import evaluate_multiple_choice
+from qatune.generation.decode import GenerationConfig
+from qatune.training.config import load_config
+from qatune.utils.io import atomic_write_text
+
+
+def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
+    """Run (or resume) every run of the sweep, then write results.json and report.md; returns the report path."""
+    started = time.time()
+    sweep = load_sweep(path)
+    out = Path(out or Path("runs") / "compare" / sweep.name)
+    prepare(sweep, out)
+    _record_invocation(out / "sweep.json", started)  # counted from its start, even if it is killed at once
+    try:
+        for run in sweep.candidates():
+            ensure_trained(out, run, started)
+        picks = select(sweep, out)
+        finals = sweep.finals(picks)
+        for run in finals:
+            ensure_trained(out, run, started)
+        evaluations = sweep.baselines() + finals
+        for i, run in enumerate(evaluations, start=1):
+            ensure_evaluated(sweep, out, run, f"[{i}/{len(evaluations)}] {run.name}", started)
+    finally:
+        _record_invocation(out / "sweep.json", started)
+    results = collect_results(sweep, out, picks)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    report = write_report(results, out)
+    _log(f"report: {report}")
+    return report
+
+
+def prepare(sweep: Sweep, out: Path) -> None:
+    """Slices written and `slice:` names replaced; every run's train config written and validated up front."""
+    paths = write_slices(sweep, out / "data")
+    sweep.base, sweep.eval = substitute(sweep.base, paths), substitute(sweep.eval, paths)
+    sweep.extra_eval = substitute(sweep.extra_eval, paths)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for run in sweep.every_trainable():
+        config_path = out / "configs" / f"{run.name}.yaml"
+        atomic_write_text(config_path, yaml.safe_dump(sweep.train_config(run, out / "runs" / run.name),
+                                                      sort_keys=False))
+        load_config(config_path).resolved()
+
+
+def ensure_trained(out: Path, run: Run, started: float) -> None:
+    run_dir = out / "runs" / run.name
+    if (run_dir / "summary.json").is_file():
+        return
+    _log(f"{run.name}: training (log: {run_dir / 'train.log'})")
+    _train(out / "configs" / f"{run.name}.yaml", run_dir)
+    _record_invocation(out / "sweep.json", started)
+
+
+def select(sweep: Sweep, out: Path) -> dict[tuple[str, str, int | None], Point]:
+    """Each configuration's grid point with the best validation metric (first seed); ties go to the earlier
+    point. Only validation is read: the test set scores the picks and nothing else. Written to selection.json."""
+    picks, record = {}, []
+    higher = sweep.select_metric != "val_loss"
+    for cell in sweep.cells():
+        scored = []
+        for run in (r for r in sweep.candidates() if r.cell == cell):
+            value = selection_value(out / "runs" / run.name, sweep.select_metric)
+            scored.append((run, value))
+            record.append({"run": run.name, "point": dict(run.point), sweep.select_metric: value})
+        picks[cell] = pick_point(scored, higher_is_better=higher)
+    atomic_write_text(out / "selection.json", json.dumps({"metric": sweep.select_metric, "candidates": record,
+                                                          "picked": [r.name for r in sweep.finals(picks)]},
+                                                         indent=2) + "\n")
+    return picks
+
+
+def pick_point(scored: list[tuple[Run, float | None]], *, higher_is_better: bool) -> Point:
+    """The point of the best-scoring run; runs without a (finite) validation value cannot be picked."""
+    usable = [(run, value) for run, value in scored if value is not None and value == value]
+    if not usable:
+        raise QatuneError(f"no validation metric for any of {[run.name for run, _ in scored]}: the selection "
+                          "needs data.val or data.val_fraction > 0 (and train.eval_generate for em/f1/bleu)")
+    best = max(usable, key=lambda rv: rv[1]) if higher_is_better else min(usable, key=lambda rv: rv[1])
+    return best[0].point
+
+
+def ensure_evaluated(sweep: Sweep, out: Path, run: Run, tag: str, started: float) -> None:
+    """The test set (run_dir/eval) and every extra set (run_dir/eval-NAME), each skipped when already done."""
+    run_dir = out / "runs" / run.name
+    todo = [("eval", None)] + [(f"eval-{spec['name']}", spec) for spec in sweep.extra_eval
+                               if run.method != "k-shot"]  # k-shot is a baseline of the test task only
+    missing = [(name, spec) for name, spec in todo if not (run_dir / name / "metrics.json").is_file()]
+    if not missing:
+        _log(f"{tag}: done, skipped")
+        return
+    for _, spec in missing:
+        _log(f"{tag}: evaluating on {spec['data'] if spec else sweep.eval['data']}")
+        if spec is None:
+            _evaluate_test(sweep, run, run_dir)
+        else:
+            _evaluate_extra(sweep, run, run_dir, spec)
+        _record_invocation(out / "sweep.json", started)
+
+
+def _source(run: Run, run_dir: Path) -> str | Path:
+    return run_dir if run.trained else run.model
+
+
+def _evaluate_test(sweep: Sweep, run: Run, run_dir: Path) -> None:
+    """A trained run in its own prompt format and max_length; a baseline in the sweep's (auto: the model's own)."""
+    ev, data = sweep.eval, sweep.base.get("data", {})
+    shots = _shots(sweep) if run.method == "k-shot" else []
+    evaluate(_source(run, run_dir), ev["data"], out_dir=run_dir / "eval",
+             template=ev.get("template") or (None if run.trained else data.get("template")),
+             prompt_format=ev.get("prompt_format") or (None if run.trained else data.get("prompt_format")),
+             shots=shots, max_length=None if run.trained else data.get("max_length"),
+             generation=GenerationConfig(**ev.get("generation", {})), batch_size=ev.get("batch_size", 16),
+             max_examples=ev.get("max_examples"), task=ev.get("task", "auto"), fmt=ev.get("format", "auto"),
+             loss=ev.get("loss", True), progress=False)
+
+
+def _evaluate_extra(sweep: Sweep, run: Run, run_dir: Path, spec: dict[str, Any]) -> None:
+    out_dir = run_dir / f"eval-{spec['name']}"
+    if spec["task"] == "mc":
+        evaluate_multiple_choice(_source(run, run_dir), spec["data"], out_dir=out_dir,
+                                 max_examples=spec.get("max_examples"), batch_size=spec.get("batch_size", 16),
+                                 progress=False)
+        return
+    data = sweep.base.get("data", {})
+    evaluate(_source(run, run_dir), spec["data"], out_dir=out_dir,
+             template=None if run.trained else data.get("template"),
+             prompt_format=None if run.trained else data.get("prompt_format"),
+             generation=GenerationConfig(**sweep.eval.get("generation", {})),
+             batch_size=spec.get("batch_size", 16), max_examples=spec.get("max_examples"), task=spec["task"],
+             fmt=spec.get("format", "auto"), loss=False, progress=False)
+
+
+def _shots(sweep: Sweep) -> list:
+    """The k-shot baseline's solved examples: k training examples drawn with the first seed."""
+    data = sweep.base.get("data", {})
+    if "train" not in data:
+        raise ConfigError(f"{sweep.path}: few_shot draws its examples from base.data.train, which is not set")
+    return draw_shots(load_examples(data["train"], fmt=data.get("format", "auto")), sweep.few_shot, sweep.seeds[0])
+
+
+def _train(config_path: Path, run_dir: Path) -> None:
+    """`python -m qatune train` in a child process; resumes from the run's checkpoints when it has any."""
+    args = [sys.executable, "-m", "qatune", "train", str(config_path)]
+    if (run_dir / "checkpoints").is_dir():
+        args.append("resume=true")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a") as log:
+        code = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT,
+                              preexec_fn=_die_with_parent if sys.platform == "linux" else None).returncode
+    if code != 0:
+        tail = "".join((run_dir / "train.log").read_text().splitlines(keepends=True)[-15:])
+        raise QatuneError(f"training {run_dir.name} failed (exit {code}); end of {run_dir / 'train.log'}:\n{tail}")
+
+
+def _die_with_parent() -> None:
+    """Linux: the training child is killed when the sweep process dies, so a killed sweep leaves no orphan
+    still writing into a run directory that the next invocation will resume."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _record_invocation(path: Path, started: float) -> None:
+    """This invocation's wall time so far, updated after every training and evaluation: the report states the
+    sweep's total wall time even when it took several invocations (a killed one counts up to its last
+    finished step)."""
+    record = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    stamp = datetime.fromtimestamp(started, timezone.utc).isoformat()
+    record["invocations"] = [i for i in record["invocations"] if i["started"] != stamp]
+    record["invocations"].append({"started": stamp, "elapsed_s": time.time() - started})
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
