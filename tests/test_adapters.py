@@ -18,7 +18,6 @@ from qatune.lora.adapters import load_adapter, save_adapter, save_merged
 
 TOL = 1e-4
 VOCAB = 320  # the conftest checkpoints' vocabulary
-GPT2_TOKENIZER = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers" / "gpt2"
 IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
 
 
@@ -130,13 +129,14 @@ def test_peft_adapter_loads_in_qatune(adapter_base_dirs, tmp_path, case):
 
 @pytest.mark.parametrize("family,lora_kw", [("gpt2", dict(targets=["q", "v", "down"], bias="all")),
                                              ("llama", dict(targets=["all-linear"]))])
-def test_merged_checkpoint_loads_in_transformers_alone(adapter_base_dirs, tmp_path, family, lora_kw):
+def test_merged_checkpoint_loads_in_transformers_alone(adapter_base_dirs, qa_tokenizer_dir, tmp_path, family,
+                                                       lora_kw):
     model = load_model(adapter_base_dirs[family])
     apply_lora(model, LoRAConfig(**lora_kw))
     _train(model)
     with torch.no_grad():
         adapted = model(IDS)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(GPT2_TOKENIZER) if GPT2_TOKENIZER.is_dir() else None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qa_tokenizer_dir)
     save_merged(model, tokenizer, tmp_path / "merged")
     ref = _hf(tmp_path / "merged")
     with torch.no_grad():
@@ -147,8 +147,7 @@ def test_merged_checkpoint_loads_in_transformers_alone(adapter_base_dirs, tmp_pa
     assert config["architectures"] == [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[family]]
     assert config["tie_word_embeddings"] == (family == "gpt2")
     assert ("lm_head.weight" in load_file(tmp_path / "merged" / "model.safetensors")) == (family == "llama")
-    if tokenizer is not None:
-        assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
 
 
 def _adapter_dir(tmp_path: Path, base_dir: Path, **config_changes) -> Path:
@@ -209,14 +208,14 @@ def test_save_adapter_replaces_files_of_an_existing_directory(adapter_base_dirs,
     assert sorted(p.name for p in tmp_path.parent.iterdir() if ".tmp-" in p.name) == []
 
 
-def test_merge_run_makes_a_standalone_checkpoint(tiny_gpt2_dir, gpt2_tokenizer_dir, tmp_path):
+def test_merge_run_makes_a_standalone_checkpoint(tiny_gpt2_dir, qa_tokenizer_dir, tmp_path):
     """`qatune merge RUN OUT` on a run laid out as train.py writes it (config.yaml + adapter/)."""
     model = load_model(tiny_gpt2_dir)
     apply_lora(model, LoRAConfig(targets=["q", "v"]))
     _train(model)
     run = tmp_path / "run"
     save_adapter(model, run / "adapter", base_model_name_or_path=str(tiny_gpt2_dir))
-    (run / "config.yaml").write_text(f"model: {tiny_gpt2_dir}\ntokenizer: {gpt2_tokenizer_dir}\n")
+    (run / "config.yaml").write_text(f"model: {tiny_gpt2_dir}\ntokenizer: {qa_tokenizer_dir}\n")
     assert merge_run(run, tmp_path / "merged") == tmp_path / "merged"
     assert _max_diff(model, _hf(tmp_path / "merged")) <= TOL
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()

