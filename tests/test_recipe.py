@@ -94,6 +94,7 @@ def test_a_checkpoint_restores_every_part_without_running_the_loop(qa_gpt2_dir, 
     for _ in range(2):
         train_step(recipe, state, _first_step_batches(recipe))
     save_checkpoint(recipe, state, best=False)
+    recipe.lock.release()  # setup locks the run directory until the run ends (train_model releases it)
     resumed, back = setup(dataclasses.replace(cfg, resume=True))
     assert back.to_dict() == state.to_dict()
     for (name, p), q in zip(recipe.model.named_parameters(), resumed.model.parameters()):

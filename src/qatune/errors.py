@@ -20,3 +20,12 @@ class DataError(QatuneError, ValueError):
 
 class ModelError(QatuneError, ValueError):
     """A model, checkpoint, adapter or tokenizer that cannot be found, read or used."""
+
+
+class StorageError(QatuneError, OSError):
+    """A file that could not be written (disk full, permissions); the message names the path. Whatever was in
+    place before (the previous checkpoint, the previous result) is left intact."""
+
+
+class TrainingError(QatuneError):
+    """Training cannot go on as configured: a non-finite loss or gradient (divergence), a run directory in use."""

@@ -1,6 +1,8 @@
 """`qatune compare SWEEP.yaml`: carry a sweep out, then write results.json and report.md.
 
-    prepare    slices written, every run's train config written and validated (a typo fails now, not in an hour)
+    prepare    every run's train config built and validated before anything is written (a typo fails now, not
+               in an hour; a bad sweep leaves no trace), every path checked to lie inside OUT; then, under
+               OUT's lock (one sweep at a time), the slices and configs written
     select     each configuration's grid points trained with the first seed; the best validation metric picks
     train      the picked points trained with the remaining seeds
     evaluate   baselines and picked runs scored on the test set and every `extra_eval` set
@@ -32,15 +34,16 @@ import yaml
 
 from qatune.compare.report import write_report
 from qatune.compare.results import collect_results, selection_value
-from qatune.compare.sweep import Point, Run, Sweep, load_sweep, substitute, write_slices
+from qatune.compare.sweep import Point, Run, Sweep, confined, load_sweep, slice_paths, substitute, write_slices
 from qatune.data.prompts import draw_shots
 from qatune.data.readers import load_examples
 from qatune.errors import ConfigError, QatuneError
 from qatune.evaluation.measure import evaluate
 from qatune.evaluation.multiple_choice import evaluate_multiple_choice
 from qatune.generation.decode import GenerationConfig
-from qatune.training.config import load_config
+from qatune.training.config import config_from_dict
 from qatune.utils.io import atomic_write_text
+from qatune.utils.lock import DirLock
 
 
 def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
@@ -48,7 +51,15 @@ def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
     started = time.time()
     sweep = load_sweep(path)
     out = Path(out or Path("runs") / "compare" / sweep.name)
-    prepare(sweep, out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a directory")
+    configs = prepare(sweep, out)
+    with DirLock(out, "comparison directory"):
+        return _carry_out(sweep, out, configs, started)
+
+
+def _carry_out(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]], started: float) -> Path:
+    write_inputs(sweep, out, configs)
     _record_invocation(out / "sweep.json", started)  # counted from its start, even if it is killed at once
     try:
         for run in sweep.candidates():
@@ -69,17 +80,25 @@ def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
     return report
 
 
-def prepare(sweep: Sweep, out: Path) -> None:
-    """Slices written and `slice:` names replaced; every run's train config written and validated up front."""
-    paths = write_slices(sweep, out / "data")
+def prepare(sweep: Sweep, out: Path) -> dict[str, dict[str, Any]]:
+    """`slice:` names replaced by their files' paths and every run's train config built and validated; nothing
+    is written (a typo fails now, not in an hour, and leaves no trace). Returns the configs by run name."""
+    paths = slice_paths(sweep, confined(out, "data"))
     sweep.base, sweep.eval = substitute(sweep.base, paths), substitute(sweep.eval, paths)
     sweep.extra_eval = substitute(sweep.extra_eval, paths)
-    (out / "configs").mkdir(parents=True, exist_ok=True)
+    configs = {}
     for run in sweep.every_trainable():
-        config_path = out / "configs" / f"{run.name}.yaml"
-        atomic_write_text(config_path, yaml.safe_dump(sweep.train_config(run, out / "runs" / run.name),
-                                                      sort_keys=False))
-        load_config(config_path).resolved()
+        confined(out, "configs", f"{run.name}.yaml")
+        configs[run.name] = sweep.train_config(run, confined(out, "runs", run.name))
+        config_from_dict(configs[run.name]).resolved()
+    return configs
+
+
+def write_inputs(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]]) -> None:
+    """The slices and each run's train config, once the whole sweep has been validated."""
+    write_slices(sweep, out / "data")
+    for name, config in configs.items():
+        atomic_write_text(out / "configs" / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 def ensure_trained(out: Path, run: Run, started: float) -> None:
@@ -181,7 +200,7 @@ def _shots(sweep: Sweep) -> list:
 def _train(config_path: Path, run_dir: Path) -> None:
     """`python -m qatune train` in a child process; resumes from the run's checkpoints when it has any."""
     args = [sys.executable, "-m", "qatune", "train", str(config_path)]
-    if (run_dir / "checkpoints").is_dir():
+    if (run_dir / "checkpoints").is_dir() or (run_dir / "config.yaml").is_file():  # started before: continue it
         args.append("resume=true")
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "a") as log:

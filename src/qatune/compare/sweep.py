@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from qatune.data.readers import resolve_data
 from qatune.errors import ConfigError
 from qatune.generation.decode import GenerationConfig
 from qatune.training.state import EARLY_STOP_METRICS
 from qatune.utils.io import atomic_write_text
+from qatune.utils.yamlfile import read_yaml
 
 SWEEP_KEYS = {"name", "description", "models", "methods", "ranks", "seeds", "zero_shot", "few_shot", "grid", "select",
               "base", "method_overrides", "eval", "extra_eval", "slices"}
@@ -31,6 +31,7 @@ EXTRA_KEYS = {"name", "data", "format", "task", "max_examples", "batch_size"}
 EXTRA_TASKS = ("qa", "nlg", "mc")
 METHODS = ("full", "lora")
 Point = tuple[tuple[str, Any], ...]  # a grid point: (dotted config key, value) pairs
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # slice names: one plain file name, never a path
 
 
 def model_label(model: str) -> str:
@@ -135,7 +136,7 @@ def load_sweep(path: str | Path) -> Sweep:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file not found: {p}")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = read_yaml(p) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sweep keys")
     unknown = set(raw) - SWEEP_KEYS
@@ -161,9 +162,41 @@ def load_sweep(path: str | Path) -> Sweep:
     sweep = Sweep(p, raw.get("name", p.stem), raw.get("description", ""), models, methods, ranks, seeds,
                   bool(raw.get("zero_shot", False)), raw.get("few_shot", 0), grid, metric, raw.get("base") or {},
                   raw.get("method_overrides") or {}, ev, _extra_evals(p, raw.get("extra_eval") or []),
-                  raw.get("slices") or {})
+                  _check_slices(p, raw.get("slices") or {}))
     GenerationConfig(**ev.get("generation", {}))  # fail now on a bad decoding option, not after training
+    for run in sweep.every_trainable() + sweep.baselines():  # run names become directory and file names
+        if Path(run.name).name != run.name or run.name in ("", ".", ".."):
+            raise ConfigError(f"{p}: run name {run.name!r} (from its model, method and grid values) is not a plain "
+                              "file name; use grid values without path separators")
     return sweep
+
+
+def _check_slices(path: Path, slices: Any) -> dict[str, dict[str, Any]]:
+    """Slice names are identifiers (each becomes `data/NAME<suffix>` inside --out), sources existing files."""
+    if not isinstance(slices, dict):
+        raise ConfigError(f"{path}: `slices` must map names to {{source, start, stop}}")
+    for name, spec in slices.items():
+        if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name) or ".." in name:
+            raise ConfigError(f"{path}: slice name {name!r} must be an identifier (letters, digits, '_', '-', '.'; "
+                              "no path separators, no '..')")
+        if not isinstance(spec, dict) or "source" not in spec or set(spec) - {"source", "start", "stop"}:
+            raise ConfigError(f"{path}: slice {name} needs `source` and takes only `start` and `stop`")
+        bounds = [spec.get(k) for k in ("start", "stop")]
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in bounds):
+            raise ConfigError(f"{path}: slice {name}: `start` and `stop` must be line numbers, got {bounds}")
+        if not Path(resolve_data(spec["source"])).is_file():
+            raise ConfigError(f"{path}: slice {name}: source file not found: {spec['source']}")
+    return slices
+
+
+def confined(root: Path, *parts: str) -> Path:
+    """`root/parts...`, refused unless it lies inside `root`: every path a sweep writes goes through here or
+    under a directory that did."""
+    path = root.joinpath(*parts)
+    inside = path.resolve().is_relative_to(root.resolve())
+    if not inside or any(Path(part).is_absolute() or ".." in Path(part).parts for part in parts):
+        raise ConfigError(f"{path} is outside the output directory {root}: sweep names must be plain identifiers")
+    return path
 
 
 def _grid_points(path: Path, method: str, spec: Any) -> list[Point]:
@@ -206,18 +239,24 @@ def _extra_evals(path: Path, specs: Any) -> list[dict[str, Any]]:
     return [dict(spec, task=spec.get("task", "qa")) for spec in specs]
 
 
+def slice_paths(sweep: Sweep, data_dir: Path) -> dict[str, str]:
+    """`slice:NAME` -> the file `write_slices` writes it to (`data/NAME<suffix>`, checked to lie inside
+    `data_dir`); nothing is written."""
+    return {f"slice:{name}": str(confined(data_dir, f"{name}{Path(resolve_data(spec['source'])).suffix}"))
+            for name, spec in sweep.slices.items()}
+
+
 def write_slices(sweep: Sweep, data_dir: Path) -> dict[str, str]:
     """`slices: {NAME: {source, start, stop}}`: lines [start, stop) of a line-based file (JSONL, E2E .txt),
     written to `data/NAME<suffix>` so that `slice:NAME` can stand for a fixed, documented split."""
-    paths = {}
+    paths = slice_paths(sweep, data_dir)
     for name, spec in sweep.slices.items():
         source = Path(resolve_data(spec["source"]))
         lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[spec.get("start", 0):spec.get("stop")]
-        target = data_dir / f"{name}{source.suffix}"
+        target = Path(paths[f"slice:{name}"])
         data_dir.mkdir(parents=True, exist_ok=True)
         if not target.is_file() or target.read_text(encoding="utf-8") != "".join(lines):
             atomic_write_text(target, "".join(lines))
-        paths[f"slice:{name}"] = str(target)
     return paths
 
 

@@ -39,6 +39,7 @@ PROMPT_CONTEXT = re.compile(r"^Question:\s*(.*?)\s*\nAnswer:\s*$", re.DOTALL)
 UNANSWERABLE_POLICIES = ("skip", "empty", "error")
 FORMATS = ("auto", "jsonl", "json", "csv", "e2e", "hf")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".txt": "e2e"}
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as surrogateescape keeps them
 _REPORT_EXAMPLES = 5  # how many locations of truncated/dropped examples the report keeps
 
 SAMPLE_DATA = Path(__file__).parent / "sample_data"
@@ -201,15 +202,39 @@ _Item = tuple[str, dict[str, Any] | DataError]
 
 
 def _read_jsonl(path: str) -> Iterator[_Item]:
-    with open(path, encoding="utf-8") as f:
-        yield from _jsonl_lines(path, f)
+    yield from _jsonl_lines(path, _utf8_lines(path))
+
+
+def _utf8_lines(path: str) -> Iterator[str | DataError]:
+    """A file's lines as text; a line that is not UTF-8 becomes a `DataError` naming it (so that `skip_invalid`
+    can skip it like any other bad record)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield DataError(f"{path}:{number}: invalid encoding: not UTF-8 "
+                                f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+
+
+def _read_utf8(path: str) -> str:
+    """A whole file as text; not UTF-8 is a `DataError` naming the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid encoding: not UTF-8 (byte 0x{data[e.start]:02x})") from None
 
 
 def _jsonl_lines(path: str, lines: Any) -> Iterator[_Item]:
     for number, line in enumerate(lines, start=1):
+        source = f"{path}:{number}"
+        if isinstance(line, DataError):
+            yield source, line
+            continue
         if not line.strip():
             continue
-        source = f"{path}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -222,8 +247,7 @@ def _jsonl_lines(path: str, lines: Any) -> Iterator[_Item]:
 
 
 def _read_json(path: str) -> Iterator[_Item]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_utf8(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -265,23 +289,30 @@ def _squad_items(path: str, data: dict[str, Any]) -> Iterator[_Item]:
 
 
 def _read_csv(path: str) -> Iterator[_Item]:
-    with open(path, encoding="utf-8", newline="") as f:
+    # surrogateescape keeps bytes that are not UTF-8 as lone surrogates, so the row holding them can be named
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         for row in reader:
-            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+            source = f"{path}:{reader.line_num}"
+            if _UNDECODED.search("".join(f"{k}{v}" for k, v in row.items())):
+                yield source, DataError(f"{source}: invalid encoding: not UTF-8")
+                continue
+            yield source, {k: v for k, v in row.items() if k is not None}
 
 
 def _read_e2e(path: str) -> Iterator[_Item]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{number}"
-            if "||" not in line:
-                yield source, DataError(f"{source}: invalid E2E line: expected 'meaning representation||reference'")
-                continue
-            mr, reference = line.split("||", 1)
-            yield source, {"question": mr, "answer": reference}
+    for number, line in enumerate(_utf8_lines(path), start=1):
+        source = f"{path}:{number}"
+        if isinstance(line, DataError):
+            yield source, line
+            continue
+        if not line.strip():
+            continue
+        if "||" not in line:
+            yield source, DataError(f"{source}: invalid E2E line: expected 'meaning representation||reference'")
+            continue
+        mr, reference = line.split("||", 1)
+        yield source, {"question": mr, "answer": reference}
 
 
 def _read_hf(name: str, split: str) -> Iterator[_Item]:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-
 from qatune.errors import ModelError
 from qatune.lora.adapters import ADAPTER_CONFIG, load_adapter, save_merged
 from qatune.models.decoder import Decoder
 from qatune.models.loading import load_model
 from qatune.models.tokenizer import has_tokenizer, load_tokenizer
+from qatune.utils.yamlfile import read_yaml
 
 
 def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, tokenizer: str | None = None
@@ -25,7 +24,7 @@ def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, to
     if (p / "config.yaml").is_file() and ((p / "adapter").is_dir() or (p / "model").is_dir()):
         if (p / "model").is_dir():
             return load_for_inference(p / "model", dtype=dtype, device=device, tokenizer=tokenizer)
-        run = yaml.safe_load((p / "config.yaml").read_text())
+        run = read_yaml(p / "config.yaml") or {}
         model = load_model(run["model"], dtype=dtype, device=device)
         load_adapter(model, p / "adapter")
         tok_source = tokenizer or (p / "adapter" if has_tokenizer(p / "adapter")
@@ -33,6 +32,9 @@ def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, to
         return model, load_tokenizer(tok_source)
     if (p / "adapter_config.json").is_file():
         raise ModelError(f"{p} is an adapter: pass the base model and `--adapter {p}`")
+    if (p / "config.yaml").is_file() and not (p / "config.json").is_file():
+        raise ModelError(f"{p} is a qatune run without a result (no adapter/ or model/ yet): its training has not "
+                         f"finished; continue it with `qatune train ... out={p} resume=true`")
     model = load_model(source, dtype=dtype, device=device)
     return model, load_tokenizer(tokenizer or source)
 
@@ -41,7 +43,7 @@ def run_data_section(source: str | os.PathLike) -> dict | None:
     """The `data` section of a run directory's config.yaml (None for a model source), read as plain YAML:
     using a run must not fail because it was trained by a qatune that knows other config keys."""
     path = Path(source) / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}).get("data", {}) if path.is_file() else None
+    return (read_yaml(path) or {}).get("data", {}) if path.is_file() else None
 
 
 def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

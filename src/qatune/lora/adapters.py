@@ -116,8 +116,11 @@ def _peft_pairs(to_hf: dict[tuple[str, str | None], str], name: str, layer: LoRA
     return {to_hf[(name, None)]: (a_fused, b_fused, n * r, alpha_fused)}
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str) -> Path:
-    """Write the model's LoRA adapter as peft does (`PeftModel.from_pretrained(hf_model, out_dir)` loads it).
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str,
+                 tokenizer=None) -> Path:
+    """Write the model's LoRA adapter as peft does (`PeftModel.from_pretrained(hf_model, out_dir)` loads it),
+    with the tokenizer's files when `tokenizer` is given: every file lands through one atomic directory write,
+    so a failure (a full disk) never leaves a truncated file in `out_dir`.
 
     The most common (r, alpha) becomes `r`/`lora_alpha`; layers that differ go to `rank_pattern`/`alpha_pattern`
     keyed by their full module path. `target_modules` lists short names (`c_attn`) when they select exactly the
@@ -176,6 +179,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
     def write(tmp: Path) -> None:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
         save_file(tensors, str(tmp / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
 
     return write_dir_atomically(out_dir, write)
 

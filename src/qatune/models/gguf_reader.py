@@ -1,11 +1,13 @@
-"""Read a GGUF file (llama architecture) as a Hugging Face config dict and Hugging Face-named tensors.
+"""Read a GGUF file (llama or gpt2 architecture) as a Hugging Face config dict and Hugging Face-named tensors.
 
 Quantised tensors are dequantised with the `gguf` package. llama.cpp's converter permutes the rows of q and k
-for its interleaved RoPE; we undo that so the weights match Hugging Face's rotate-half layout.
+for its interleaved RoPE; we undo that so the weights match Hugging Face's rotate-half layout. For gpt2 it
+stores the `Conv1D` weights `[out, in]`; they go back to Hugging Face's `[in, out]`.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,22 @@ _LLAMA_BLOCK = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_GPT2_NAMES = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
+_GPT2_BLOCK = {
+    "attn_norm": "ln_1",
+    "ffn_norm": "ln_2",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+_GPT2_TRANSPOSED = {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}
 
 
 def _field(reader, key: str, default=None):
@@ -48,60 +66,111 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, Tensor]]]:
+def open_gguf(path: Path) -> GGUFReader:
+    """A reader of a complete GGUF file; a truncated (an interrupted download) or foreign file is one
+    `ModelError` naming it, whatever part of the parse it breaks."""
     try:
         reader = GGUFReader(str(path))
-    except (OSError, ValueError, KeyError, IndexError) as e:  # what a truncated or foreign file raises
-        raise ModelError(f"cannot read GGUF file {path}: {e}") from e
+    except (OSError, ValueError, KeyError, IndexError, struct.error) as e:  # what a truncated or foreign file raises
+        raise ModelError(f"cannot read GGUF file {path} (truncated, or not a GGUF file): {e}") from e
+    size = Path(path).stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ModelError(f"GGUF file {path} is truncated: its tensors end at byte {end}, the file has {size}")
+    return reader
+
+
+def read_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, Tensor]]]:
+    reader = open_gguf(path)
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    if arch not in ("llama", "gpt2"):
+        raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama' and 'gpt2')")
     names = {t.name for t in reader.tensors}
-    n_head = int(_field(reader, "llama.attention.head_count"))
-    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
-    d_model = int(_field(reader, "llama.embedding_length"))
-    vocab = _field(reader, "llama.vocab_size")
-    if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    hf_config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": int(vocab),
-        "hidden_size": d_model,
-        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, "llama.block_count")),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv,
-        "head_dim": int(_field(reader, "llama.rope.dimension_count", d_model // n_head)),
-        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        "hidden_act": "silu",
-        "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
-        "torch_dtype": "float32",
-    }
+    hf_config = _llama_config(reader, names) if arch == "llama" else _gpt2_config(reader, names)
+    hf_config.update(
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        torch_dtype="float32",
+    )
+    n_head = hf_config.get("num_attention_heads")
+    n_kv = hf_config.get("num_key_value_heads")
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
         for t in reader.tensors:
-            hf_name = _hf_name(t.name)
             w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
             w = w.reshape([int(x) for x in reversed(t.shape)])  # GGML lists dims fastest-first
-            if ".attn_q." in t.name:
-                w = _unpermute(w, n_head)
-            elif ".attn_k." in t.name:
-                w = _unpermute(w, n_kv)
+            if arch == "gpt2":
+                hf_name = _hf_name(t.name, _GPT2_NAMES, _GPT2_BLOCK, "transformer.h")
+                if _is_gpt2_conv1d(t.name):
+                    w = w.T
+            else:
+                hf_name = _hf_name(t.name, _LLAMA_NAMES, _LLAMA_BLOCK, "model.layers")
+                if ".attn_q." in t.name:
+                    w = _unpermute(w, n_head)
+                elif ".attn_k." in t.name:
+                    w = _unpermute(w, n_kv)
             yield hf_name, torch.from_numpy(np.array(w, dtype=np.float32))  # own, writable copy
 
     return hf_config, tensors()
 
 
-def _hf_name(name: str) -> str:
-    if name in _LLAMA_NAMES:
-        return _LLAMA_NAMES[name]
+def _vocab_size(reader) -> int:
+    vocab = _field(reader, "llama.vocab_size")
+    if vocab is not None:
+        return int(vocab)
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    return int(embed.shape[1]) if embed is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
+
+
+def _llama_config(reader, names: set[str]) -> dict:
+    n_head = int(_field(reader, "llama.attention.head_count"))
+    d_model = int(_field(reader, "llama.embedding_length"))
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": _vocab_size(reader),
+        "hidden_size": d_model,
+        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, "llama.block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", n_head)),
+        "head_dim": int(_field(reader, "llama.rope.dimension_count", d_model // n_head)),
+        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
+        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": "blk.0.ffn_up.bias" in names,
+    }
+
+
+def _gpt2_config(reader, names: set[str]) -> dict:
+    d_model = int(_field(reader, "gpt2.embedding_length"))
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": _vocab_size(reader),
+        "n_embd": d_model,
+        "n_inner": int(_field(reader, "gpt2.feed_forward_length", 4 * d_model)),
+        "n_layer": int(_field(reader, "gpt2.block_count")),
+        "n_head": int(_field(reader, "gpt2.attention.head_count")),
+        "n_positions": int(_field(reader, "gpt2.context_length", 1024)),
+        "layer_norm_epsilon": float(_field(reader, "gpt2.attention.layer_norm_epsilon", 1e-5)),
+        "activation_function": "gelu_new",  # llama.cpp's gpt2 graph: GELU, tanh approximation
+    }
+
+
+def _is_gpt2_conv1d(name: str) -> bool:
     parts = name.split(".")  # blk.{i}.{kind}.weight
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LLAMA_BLOCK:
-        return f"model.layers.{parts[1]}.{_LLAMA_BLOCK[parts[2]]}.{parts[3]}"
+    return len(parts) == 4 and parts[2] in _GPT2_TRANSPOSED and parts[3] == "weight"
+
+
+def _hf_name(name: str, top: dict[str, str], block: dict[str, str], prefix: str) -> str:
+    if name in top:
+        return top[name]
+    parts = name.split(".")  # blk.{i}.{kind}.weight|bias
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in block:
+        return f"{prefix}.{parts[1]}.{block[parts[2]]}.{parts[3]}"
     return name  # reported as unexpected by the caller

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from qatune.errors import ModelError
+from qatune.models.gguf_reader import open_gguf
 from qatune.models.loading import ResolvedSource, resolve_source
 
 
@@ -19,6 +20,8 @@ def load_tokenizer(source: str | os.PathLike):
 
     # A tokenizer-only directory (no config.json) is fine here; anything else resolves like a model source.
     resolved = ResolvedSource(Path(source)) if Path(source).is_dir() else resolve_source(source)
+    if resolved.gguf_file:
+        open_gguf(resolved.gguf_path)  # a truncated file is one clear error, not a traceback from transformers
     try:
         if resolved.gguf_file:
             tok = AutoTokenizer.from_pretrained(str(resolved.path), gguf_file=resolved.gguf_file)

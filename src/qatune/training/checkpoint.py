@@ -1,32 +1,50 @@
-"""Training checkpoints: written atomically, rotated, and complete enough to resume bit-for-bit.
+"""Training checkpoints: written atomically, verified before use, never pickled; complete enough to resume
+bit-for-bit.
 
 Layout under `RUN/checkpoints/`:
     step-000120/            one directory per checkpoint
         weights.safetensors   the trainable parameters (LoRA weights, or the whole model for full fine-tuning)
-        state.pt              optimizer, scheduler, gradient scaler, RNG states, data position, counters
+        state.safetensors     the state's tensors: optimizer moments, torch RNG states
+        state.json            the rest: scheduler, scaler, Python/numpy RNG, data position, counters, the config
+        manifest.json         written last: the size and SHA-256 of each file above
     last -> step-000120     symlinks, replaced atomically
     best -> step-000080
 
-A checkpoint directory is written under a temporary name and renamed into place only when complete, and
-the `last`/`best` links are swapped with `os.replace`, so a kill at any moment leaves the previous
-checkpoint intact.
+Writing: the files go to a temporary directory, the manifest last, and the directory is renamed into place only
+when complete; then `last`/`best` are swapped with `os.replace` and old checkpoints rotated. A kill at any moment
+leaves the previous checkpoints intact (`tests/test_reliability.py` kills at each of these points).
+
+Reading: `find_resumable` takes the newest checkpoint whose files match its manifest, and names each newer one it
+had to skip; it never deletes anything and does not trust `last` (a dangling link is no reason to start over).
+Nothing here unpickles: a crafted checkpoint can hold wrong numbers, never code (`statefile.py`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qatune.errors import ModelError
-from qatune.utils.io import fsync_dir, write_dir_atomically
+from qatune.training.statefile import load_state, save_state
+from qatune.utils.faults import fault_point
+from qatune.utils.io import fsync_dir, is_write_error, storage_error
+
+FORMAT = 2  # 1: state.pt (a pickle), no manifest -- no longer read
+WEIGHTS, STATE_TENSORS, STATE_JSON, MANIFEST = "weights.safetensors", "state.safetensors", "state.json", "manifest.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -49,7 +67,84 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _point(link: Path, target_name: str) -> None:
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.fullmatch(path.name).group(1))
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """The checkpoint directories under `root`, oldest first (links and temporaries excluded)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=step_of)
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], *,
+                    best: bool, keep: int) -> Path:
+    """Write `root/step-NNNNNN` atomically, point `last` (and `best` when `best`) at it, rotate old ones.
+
+    A write that fails (disk full) raises one `StorageError` naming the file and leaves every earlier checkpoint
+    as it was."""
+    name = f"step-{step:06d}"
+    final = root / name
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        _write_files(tmp, step, weights, {**state, "rng": rng_state(), "step": step})
+        _swap_in(tmp, final)
+        point(root, "last", name)
+        fault_point("last-linked")
+        if best:
+            point(root, "best", name)
+            fault_point("best-linked")
+        fsync_dir(root)
+        _rotate(root, keep, step)
+        fault_point("rotated")
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(e):
+            raise storage_error(e, final, tmp) from e
+        raise
+    return final
+
+
+def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    save_file(weights, str(tmp / WEIGHTS))
+    fault_point("weights-written")
+    save_state(state, tmp / STATE_JSON, tmp / STATE_TENSORS, after_tensors=lambda: fault_point("tensors-written"))
+    fault_point("state-written")
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fault_point("manifest-written")
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename the finished directory into place. A same-named one (a stale checkpoint from a run that resumed
+    from an earlier step) is set aside first; a kill in between leaves the earlier checkpoints to resume from."""
+    aside = None
+    if final.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, aside / final.name)
+        fault_point("old-set-aside")
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    fault_point("renamed")
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def point(root: Path, link_name: str, target_name: str) -> None:
+    """Make `root/link_name` a symlink to `target_name` (relative), atomically."""
+    link = root / link_name
     tmp = link.with_name(f".{link.name}.tmp")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
@@ -57,42 +152,113 @@ def _point(link: Path, target_name: str) -> None:
     os.replace(tmp, link)
 
 
-def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], *,
-                    best: bool, keep: int) -> Path:
-    """Write `root/step-NNNNNN` atomically, point `last` (and `best` when `best`) at it, rotate old ones."""
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-
-    def write(tmp: Path) -> None:
-        save_file(weights, str(tmp / "weights.safetensors"))
-        torch.save({**state, "rng": rng_state(), "step": step}, tmp / "state.pt")
-
-    # Re-saving the same step (e.g. epoch end right after a periodic save) replaces it whole.
-    final = write_dir_atomically(root / name, write, merge=False)
-    _point(root / "last", name)
-    if best:
-        _point(root / "best", name)
-    fsync_dir(root)
-    _rotate(root, keep)
-    return final
+def _remove_leftovers(root: Path) -> None:
+    """Temporary and set-aside directories of writes that a kill interrupted (only the lock holder writes here,
+    so none of them is in use)."""
+    for p in root.iterdir():
+        if p.name.startswith(".step-") and (".tmp-" in p.name or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True)
 
 
-def _rotate(root: Path, keep: int) -> None:
+def _rotate(root: Path, keep: int, step: int) -> None:
+    """Keep the newest `keep` checkpoints up to `step`, and whatever `last` and `best` point at. Checkpoints past
+    `step` (left by a run that resumed from an earlier one) are not counted; they are replaced when reached."""
     protected = {os.path.realpath(root / link) for link in ("last", "best") if (root / link).is_symlink()}
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for p in steps[: max(len(steps) - keep, 0)]:
+    done = [p for p in step_dirs(root) if step_of(p) <= step]
+    for p in done[: max(len(done) - keep, 0)]:
         if os.path.realpath(p) not in protected:
             shutil.rmtree(p)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+def verify(path: Path, *, hashes: bool = True) -> str | None:
+    """Why the checkpoint at `path` cannot be used (missing or damaged files), or None when it is intact.
+    `hashes=False` checks the sizes only (for a checkpoint already verified, or written, by this process)."""
+    if not (path / MANIFEST).is_file():
+        if (path / "state.pt").is_file():
+            return ("written by an older qatune (state.pt, a pickle), which is not loaded because unpickling can "
+                    "run code")
+        return f"no {MANIFEST} (it is written last: the checkpoint is incomplete)"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or set(files) != {WEIGHTS, STATE_TENSORS, STATE_JSON}:
+            return f"{MANIFEST} is not a format-{FORMAT} checkpoint manifest"
+        for name, meta in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != meta["bytes"]:
+                return f"{name} has {f.stat().st_size} bytes, its manifest says {meta['bytes']}"
+            if hashes and _sha256(f) != meta["sha256"]:
+                return f"{name} does not match its SHA-256 in {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable {MANIFEST}: {e}"
+    return None
+
+
+def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint under `root` (None if there is none), and one note per newer checkpoint
+    skipped because it is damaged."""
+    skipped = []
+    for path in reversed(step_dirs(root)):
+        problem = verify(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{path.name}: {problem}")
+    return None, skipped
+
+
+def relink(root: Path, resumed: Path, best_step: int | None) -> list[str]:
+    """Point `last` at the checkpoint a run resumes from and `best` at its state's best step: a kill between the
+    two link swaps of a save, or a damaged newer checkpoint, can leave them elsewhere. Returns warnings."""
+    point(root, "last", resumed.name)
+    if best_step is None:
+        if (root / "best").is_symlink():  # a best of steps that are being redone
+            (root / "best").unlink()
+        return []
+    best = root / f"step-{best_step:06d}"
+    problem = "missing" if not best.is_dir() else None if best == resumed else verify(best)
+    if problem is None:
+        point(root, "best", best.name)
+        return []
+    if (root / "best").is_symlink():
+        (root / "best").unlink()
+    return [f"the best checkpoint so far, {best.name}, cannot be used ({problem}): the result will be the best "
+            "checkpoint of the evaluations still to come, or the last one"]
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(trainable weights, training state) of a checkpoint directory."""
-    if not (path / "state.pt").is_file():
-        raise ModelError(f"no checkpoint at {path}")
-    weights = load_file(str(path / "weights.safetensors"))
-    # weights_only=False: the state holds Python RNG tuples and numpy arrays. It is our own file, written by
-    # save_checkpoint in this run directory, not a downloaded artefact.
-    return weights, torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    """(trainable weights, training state) of a checkpoint directory, verified against its manifest first."""
+    problem = verify(path)
+    if problem is not None:
+        raise ModelError(f"checkpoint {path} cannot be used: {problem}")
+    try:
+        return load_file(str(path / WEIGHTS)), load_state(path / STATE_JSON, path / STATE_TENSORS)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # intact files that are not ours
+        raise ModelError(f"checkpoint {path} cannot be read: {e}") from e
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights of a checkpoint that this run wrote or verified when it resumed (the best one, for
+    the result): its files' sizes are checked again, their hashes are not recomputed."""
+    problem = verify(path, hashes=False)
+    if problem is not None:
+        raise ModelError(f"checkpoint {path} cannot be used: {problem}")
+    try:
+        return load_file(str(path / WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise ModelError(f"checkpoint {path} cannot be read: {e}") from e
 
 
 def load_trainable(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
@@ -102,6 +268,10 @@ def load_trainable(model: nn.Module, weights: dict[str, torch.Tensor], where: st
     if missing or unexpected:
         raise ModelError(f"checkpoint {where} does not fit this model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
+    mismatched = [f"{n} {tuple(weights[n].shape)} vs {tuple(p.shape)}" for n, p in params.items()
+                  if weights[n].shape != p.shape]
+    if mismatched:
+        raise ModelError(f"checkpoint {where} does not fit this model: shapes differ ({', '.join(mismatched[:3])})")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n])

@@ -28,6 +28,7 @@ from qatune.training.loggers import report_targets
 from qatune.training.optim import PRECISIONS, SCHEDULES
 from qatune.training.state import EARLY_STOP_METRICS
 from qatune.utils.io import atomic_write_text
+from qatune.utils.yamlfile import parse_yaml, read_yaml
 
 METHODS = ("lora", "full")
 BACKENDS = ("native", "hf")
@@ -48,7 +49,7 @@ class DataSection:
     skip_invalid: bool = False  # skip (and report) malformed records instead of failing
     prompt_format: str = "auto"  # auto (chat when the tokenizer has a chat template) | plain | chat
     template: str = DEFAULT_TEMPLATE  # the plain format's template
-    max_length: int = 512
+    max_length: int | None = None  # tokens per row; default 512, or the model's position limit when lower
     answer_only: bool = True  # loss on answer tokens only
     max_examples: int | None = None  # cap on training examples (quick runs), applied after the split
 
@@ -96,7 +97,8 @@ class RunConfig:
     method: str = "lora"  # lora | full
     backend: str = "native"  # native | hf (transformers + peft)
     out: str = "runs/run"
-    resume: bool = False
+    resume: bool = False  # continue the run in `out` from its newest intact checkpoint
+    overwrite: bool = False  # start afresh in an `out` that holds a run, replacing it
     data: DataSection = field(default_factory=DataSection)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainSection = field(default_factory=TrainSection)
@@ -161,10 +163,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        raw = read_yaml(p) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
     for item in overrides:
@@ -177,7 +176,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        node[parts[-1]] = parse_yaml(value, f"override {item!r}") if value.strip() else None
+    return _build(RunConfig, raw, prefix="")
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """A config from the mapping a YAML file would hold (checked like one; e.g. a sweep's runs, before anything
+    is written)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a run config must be a mapping of keys to values, got {type(raw).__name__}")
     return _build(RunConfig, raw, prefix="")
 
 

@@ -18,6 +18,7 @@ from qatune.lora.layer import LoRAConfig
 from qatune.lora.targets import family_linears, resolve_targets
 from qatune.models.config import from_hf_config
 from qatune.models.loading import resolve_source
+from qatune.utils.io import write_dir_atomically
 
 
 class HFCausalLM(nn.Module):
@@ -93,7 +94,12 @@ def _peft_targets(model: nn.Module, targets: list[str] | None) -> list[str] | st
 
 
 def save_hf_result(model: nn.Module, tokenizer, out_dir: Path, method: str) -> None:
-    """LoRA: peft's `save_pretrained` (adapter); full: transformers' `save_pretrained` + tokenizer."""
-    model.save_pretrained(str(out_dir))
-    if method == "full":
-        tokenizer.save_pretrained(str(out_dir))
+    """LoRA: peft's `save_pretrained` (adapter); full: transformers' `save_pretrained` + tokenizer. Written as
+    one atomic directory write: a failure leaves the previous result as it was."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        if method == "full":
+            tokenizer.save_pretrained(str(tmp))
+
+    write_dir_atomically(out_dir, write)

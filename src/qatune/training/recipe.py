@@ -1,8 +1,11 @@
 """`train_model(cfg)`: QA data to a fine-tuned model. A recipe in parts, each readable on its own:
 
-    setup            data -> features; model (+ LoRA); AdamW + schedule; resume from the last checkpoint
+    setup            model (+ LoRA); data -> features; AdamW + schedule; everything checked before anything is
+                     written; then (start_run, under the run directory's lock) resume from the newest intact
+                     checkpoint, its config compared with this one, or start afresh
     run_epoch        the epoch's batch plan, one optimizer step after another
-    train_step       one optimizer step: micro-batches (accumulate, all ranks) -> clip -> step
+    train_step       one optimizer step: micro-batches (accumulate, all ranks) -> clip -> step; a non-finite
+                     loss or gradient stops the run before the step (divergence)
     evaluate         validation loss (and generated answers), best tracking, early stopping, checkpoint
     save_checkpoint  trainable weights, optimizer, scheduler, scaler, RNG states and the `TrainState`
     finish           best weights -> result (peft adapter or Hugging Face model) + summary.json
@@ -37,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qatune.data.batching import collate_plan, count_tokens, plan_batches, to_device
-from qatune.errors import ConfigError
+from qatune.errors import ConfigError, ModelError, TrainingError
 from qatune.evaluation.loss import evaluate_loss
 from qatune.evaluation.measure import generation_metrics, resolve_task
 from qatune.evaluation.model_card import write_model_card
@@ -45,6 +48,7 @@ from qatune.lora.inject import count_parameters, format_parameter_count
 from qatune.models.loading import build_model as assemble_model
 from qatune.models.tokenizer import load_tokenizer
 from qatune.training import checkpoint as ckpt
+from qatune.training import rundir
 from qatune.training.build import LossModule, TrainingData, build_model, pick_device, prepare_data, seed_everything
 from qatune.training.config import RunConfig, save_config
 from qatune.training.loggers import MetricsLog
@@ -53,6 +57,7 @@ from qatune.training.parallel import Dist, Parallel, init_distributed
 from qatune.training.result import dir_size, peak_memory, save_result, write_summary
 from qatune.training.state import TrainState
 from qatune.utils.console import ProgressBar, console_printer
+from qatune.utils.lock import DirLock
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class Recipe:
     param_counts: tuple[int, int, float]  # trainable, total, percent (counted before FSDP shards the model)
     log: MetricsLog | None
     say: Callable[[str], None]  # console messages (main process only)
+    lock: DirLock | None = None  # the run directory's lock, held by the main process from its first write to the end
 
     @property
     def checkpoints(self) -> Path:
@@ -97,32 +103,40 @@ class Recipe:
 def train_model(cfg: RunConfig) -> dict[str, Any]:
     """Run one training job described by `cfg`; returns the summary (also written to `out/summary.json`)."""
     recipe, state = setup(cfg.resolved())
-    progress = ProgressBar("train", recipe.plan.total_steps, done=state.step,
-                           enabled=recipe.dist.main and cfg.train.progress)
-    with progress:
-        while state.step < recipe.plan.total_steps and not state.early_stopped:
-            run_epoch(recipe, state, progress)
-    state.train_time = state.elapsed()
-    return finish(recipe, state)
+    try:
+        progress = ProgressBar("train", recipe.plan.total_steps, done=state.step,
+                               enabled=recipe.dist.main and cfg.train.progress)
+        with progress:
+            while state.step < recipe.plan.total_steps and not state.early_stopped:
+                run_epoch(recipe, state, progress)
+        state.train_time = state.elapsed()
+        return finish(recipe, state)
+    finally:
+        if recipe.lock is not None:
+            recipe.lock.release()
 
 
 # ----------------------------------------------------------------------------------------------- setup
 
 
 def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
-    """Build every part of the run from a resolved config, and the state to start from (fresh or resumed)."""
+    """Build every part of the run from a resolved config, and the state to start from (fresh or resumed).
+
+    Everything is checked before the first write: the run directory is locked and written only by `start_run`."""
     t = cfg.train
     d = init_distributed()
     if t.fsdp and d.world > 1 and t.eval_generate:
         raise ConfigError("train.eval_generate needs the whole model on rank 0; it does not combine with "
                           "train.fsdp (evaluate the result with `qatune eval` instead)")
+    rundir.check_target(cfg)
     device = pick_device(t.device, d)
     say = console_printer(d.main)
     seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    model = build_model(cfg, device)  # before the data: its position limit bounds data.max_length
+    cfg.data.max_length = rundir.resolve_max_length(cfg.data.max_length, rundir.position_limit(model))
     data = prepare_data(cfg.data, tokenizer, t.seed)
     say(f"Data: {len(data.train)} train / {len(data.val)} validation examples; {data.report.summary()}")
-    model = build_model(cfg, device)
     param_counts = count_parameters(model)
     say(format_parameter_count(model))
     model.train()
@@ -136,16 +150,25 @@ def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
         t.schedule, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, total_steps=plan.total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     out = Path(cfg.out)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     recipe = Recipe(cfg, d, device, out, tokenizer, data, model, loss_module, par, optimizer, scheduler, scaler,
                     autocast_factory(device, t.precision), plan, param_counts, log=None, say=say)
-    state = resume(recipe) if cfg.resume else TrainState()
+    lock = rundir.lock_run(out) if d.main else None
+    try:
+        state = start_run(recipe)
+        log = _open_log(recipe, state)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return dataclasses.replace(recipe, log=log, lock=lock), state
+
+
+def _open_log(recipe: Recipe, state: TrainState) -> MetricsLog:
+    cfg, t, d, out = recipe.cfg, recipe.cfg.train, recipe.dist, recipe.out
     log = MetricsLog(out / "metrics.jsonl", d.main, state.step if cfg.resume else None, t.tensorboard,
                      report_to=t.report_to, group=t.run_group)
     log.log_params(cfg.to_dict())
-    return dataclasses.replace(recipe, log=log), state
+    return log
 
 
 def _step_plan(cfg: RunConfig, data: TrainingData, d: Dist, say: Callable[[str], None]) -> StepPlan:
@@ -165,22 +188,62 @@ def _step_plan(cfg: RunConfig, data: TrainingData, d: Dist, say: Callable[[str],
     return StepPlan(group, steps_per_epoch, total)
 
 
-def resume(r: Recipe) -> TrainState:
-    """Load the last checkpoint into the model, optimizer, scheduler, scaler and RNGs; its state, or a fresh
-    one when there is no checkpoint yet."""
-    last = ckpt.latest(r.checkpoints)
-    if last is None:
+def start_run(r: Recipe) -> TrainState:
+    """The run's first writes, under its lock: resume (refused before anything changes when the config may not
+    continue the checkpoint) or a fresh start (replacing a previous run only with overwrite=true); then
+    config.yaml, and metrics.jsonl cut back to what the resumed checkpoint had seen."""
+    if r.cfg.resume:
+        state, records = resume(r)
+    else:
+        if r.dist.main:
+            rundir.check_target(r.cfg)  # again, now that the lock keeps other writers out
+            if r.cfg.overwrite:
+                rundir.clear_previous_run(r.out)
+        state, records = TrainState(), None
+    if r.dist.main:
+        save_config(r.cfg, r.out / "config.yaml")
+        rundir.repair_metrics(r.out / "metrics.jsonl", records, r.say)
+    return state
+
+
+def resume(r: Recipe) -> tuple[TrainState, int]:
+    """Load the newest intact checkpoint into the model, optimizer, scheduler, scaler and RNGs, once its config
+    is known to allow it; returns its state and how many metrics records it had seen (a fresh state and 0 when
+    there is no checkpoint at all)."""
+    found, skipped = ckpt.find_resumable(r.checkpoints)
+    for note in skipped:
+        r.say(f"Skipping damaged checkpoint {note}")
+    if found is None:
+        if skipped:
+            raise ModelError(f"resume=true but no checkpoint in {r.checkpoints} is intact ({'; '.join(skipped)}); "
+                             "nothing was changed")
         r.say(f"resume=true but no checkpoint in {r.checkpoints}: starting from scratch")
-        return TrainState()
-    weights, saved = ckpt.load_checkpoint(last)
-    r.par.load_trainable_state(r.model, weights, str(last))
+        return TrainState(), 0
+    weights, saved = ckpt.load_checkpoint(found)
+    rundir.check_resume_config(saved, r.cfg, r.dist.world, found, r.say)
+    r.par.load_trainable_state(r.model, weights, str(found))
     r.par.load_optimizer_state(r.model, r.optimizer, saved["optimizer"])
     r.scheduler.load_state_dict(saved["scheduler"])
+    _apply_schedule(r)
     r.scaler.load_state_dict(saved["scaler"])
     ckpt.set_rng_state(saved["rng"])
     state = TrainState.from_dict(saved["train_state"])
-    r.say(f"Resumed from {last} (step {state.step}, epoch {state.epoch})")
-    return state
+    if r.dist.main:
+        for warning in ckpt.relink(r.checkpoints, found, state.best_step):
+            r.say(warning)
+    newest = " (the newest intact checkpoint)" if skipped else ""
+    r.say(f"Resumed from {found}{newest} (step {state.step}, epoch {state.epoch})")
+    return state, saved["metrics_records"]
+
+
+def _apply_schedule(r: Recipe) -> None:
+    """The restored scheduler keeps its position; its base rate is the config's train.lr, which a resume may
+    change. With an unchanged config this recomputes exactly the rates that were saved."""
+    s = r.scheduler
+    s.base_lrs = [r.cfg.train.lr for _ in r.optimizer.param_groups]
+    for group, base, factor in zip(r.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(s.last_epoch)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -199,7 +262,10 @@ def run_epoch(r: Recipe, state: TrainState, progress: ProgressBar) -> None:
         if evaluated and evaluate(r, state):
             state.early_stopped = True
             return
-        if _due(t.save_every, state.step) and not evaluated:
+        # The end-of-epoch evaluation below checkpoints this very step: saving it twice would only widen the
+        # window in which a kill leaves the step's directory half replaced.
+        last_of_epoch = state.micro_in_epoch + group > len(plan) or state.step >= r.plan.total_steps
+        if _due(t.save_every, state.step) and not evaluated and not last_of_epoch:
             save_checkpoint(r, state, best=False)
     # The epoch's batches are used up, or the step budget is. Only a finished epoch moves the data position to
     # the next one, so a run resumed with a larger train.max_steps continues mid-epoch where it stopped.
@@ -231,17 +297,47 @@ def train_step(r: Recipe, state: TrainState, step_batches: list[dict[str, torch.
         state.window_tokens += count_tokens(batch).real_tokens
     if d.world > 1:
         dist.all_reduce(loss_total)
-    if r.cfg.train.grad_clip:
-        r.scaler.unscale_(r.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in r.model.parameters() if p.requires_grad], r.cfg.train.grad_clip)
+    r.scaler.unscale_(r.optimizer)  # gradients in true units for the norm and clipping (no-op without fp16)
+    mean_loss = loss_total.item() / max(global_tokens, 1)
+    _check_finite(r, state, mean_loss, _grad_norm(r))
     r.scaler.step(r.optimizer)
     r.scaler.update()
     r.optimizer.zero_grad(set_to_none=True)
-    lr = r.scheduler.get_last_lr()[0]
+    lr = r.optimizer.param_groups[0]["lr"]
     r.scheduler.step()
     state.step += 1
     state.micro_in_epoch += len(step_batches)
-    return loss_total.item() / max(global_tokens, 1), lr
+    return mean_loss, lr
+
+
+def _grad_norm(r: Recipe) -> float:
+    """The gradients' global norm, clipped to `train.grad_clip` when set (FSDP: over every shard)."""
+    params = [p for p in r.model.parameters() if p.requires_grad]
+    if r.cfg.train.grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, r.cfg.train.grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _check_finite(r: Recipe, state: TrainState, loss: float, grad_norm: float) -> None:
+    """A non-finite loss stops the run before the optimizer step, so no NaN reaches the weights, a checkpoint or
+    the result. So does a non-finite gradient norm, except under fp16's gradient scaler, whose job is to skip
+    such a step and lower its scale (every rank sees the same all-reduced values and stops alike)."""
+    if math.isfinite(loss) and (math.isfinite(grad_norm) or r.scaler.is_enabled()):
+        return
+    r.optimizer.zero_grad(set_to_none=True)
+    raise TrainingError(_diverged(r, state.step + 1, f"the training loss is {loss}, the gradient norm {grad_norm}"))
+
+
+def _diverged(r: Recipe, step: int, what: str) -> str:
+    last = ckpt.latest(r.checkpoints)
+    good = (f"the last good checkpoint is {last} (step {ckpt.step_of(last)})" if last is not None
+            else "no checkpoint was written before it")
+    return (f"training diverged at step {step}: {what}. Nothing from that step was saved and no result was "
+            f"written; {good}. Lower train.lr (resume=true continues from that checkpoint with the new rate)")
 
 
 def log_step(r: Recipe, state: TrainState, loss: float, lr: float, progress: ProgressBar) -> None:
@@ -265,6 +361,10 @@ def evaluate(r: Recipe, state: TrainState) -> bool:
     """Validation metrics, best tracking and a checkpoint; returns True when early stopping says stop."""
     t = r.cfg.train
     record = validation_metrics(r, state)
+    val_loss = record.get("val_loss")
+    if val_loss is not None and not math.isfinite(val_loss):  # never a best, never a checkpoint
+        r.log.write(record)
+        raise TrainingError(_diverged(r, state.step, f"the validation loss is {val_loss}"))
     improved = state.record_eval(record.get(t.early_stop_metric), higher_is_better=t.early_stop_metric != "val_loss",
                                  min_delta=t.min_delta)
     record["best"] = improved
@@ -312,6 +412,9 @@ def save_checkpoint(r: Recipe, state: TrainState, best: bool) -> None:
         ckpt.save_checkpoint(r.checkpoints, state.step, weights, {
             "optimizer": optimizer, "scheduler": r.scheduler.state_dict(), "scaler": r.scaler.state_dict(),
             "train_state": state.to_dict(),
+            # what a resume checks (the config, the process count) and where it cuts metrics.jsonl back to
+            "config": r.cfg.to_dict(), "world_size": r.dist.world,
+            "metrics_records": rundir.count_records(r.out / "metrics.jsonl"),
         }, best=best, keep=r.cfg.train.keep_checkpoints)
     r.par.barrier()
 
@@ -324,7 +427,10 @@ def finish(r: Recipe, state: TrainState) -> dict[str, Any]:
     run went."""
     best = ckpt.latest(r.checkpoints, "best")
     if best is not None:
-        r.par.load_trainable_state(r.model, ckpt.load_checkpoint(best)[0], str(best))
+        r.par.load_trainable_state(r.model, ckpt.load_weights(best), str(best))
+    if not _weights_finite(r):
+        raise TrainingError(f"the weights of {best or 'the last step'} are not finite (nan or inf): no result was "
+                            "written")
     summary = _summary(r, state)
     result_model = r.model
     if r.par.fsdp:  # gather the shards into one plain model (collective), saved by rank 0
@@ -342,6 +448,25 @@ def finish(r: Recipe, state: TrainState) -> dict[str, Any]:
     return summary
 
 
+def _weights_finite(r: Recipe) -> bool:
+    """Whether every trainable weight is finite (each rank checks its shards; all ranks get the same answer)."""
+    bad = torch.zeros((), device=r.device)
+    for p in r.model.parameters():
+        if p.requires_grad:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local.detach())).sum()
+    if r.dist.world > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def _epochs_completed(r: Recipe, state: TrainState) -> int:
+    """Epochs whose batches are all used. A state checkpointed at an epoch's last step (by its evaluation) has not
+    moved on to the next epoch yet; a run resumed from it and finishing at once must count that epoch too."""
+    used_up = state.micro_in_epoch + r.plan.micro_per_step > len(r.epoch_plan(state.epoch))
+    return state.epoch + int(used_up)
+
+
 def _summary(r: Recipe, state: TrainState) -> dict[str, Any]:
     trainable, total, percent = r.param_counts
     return {
@@ -349,7 +474,7 @@ def _summary(r: Recipe, state: TrainState) -> dict[str, Any]:
         "total_params": total,
         "trainable_percent": percent,
         "steps": state.step,
-        "epochs_completed": state.epoch,
+        "epochs_completed": _epochs_completed(r, state),
         "best_step": state.best_step,
         "best_val_loss": state.best_val_loss(),
         "best_metric": {r.cfg.train.early_stop_metric: state.best_metric},

@@ -26,8 +26,7 @@ def save_result(model: nn.Module, tokenizer, out: Path, *, method: str, backend:
     if backend == "hf":
         save_hf_result(model.model, tokenizer, target, method)
     elif method == "lora":
-        save_adapter(model, target, base_model_name_or_path=base_model)
-        tokenizer.save_pretrained(str(target))
+        save_adapter(model, target, base_model_name_or_path=base_model, tokenizer=tokenizer)
     else:
         save_merged(model, tokenizer, target)
     return target

@@ -69,5 +69,5 @@ class TrainState:
         return improved
 
     def best_val_loss(self) -> float | None:
-        losses = [h["val_loss"] for h in self.history if "val_loss" in h]
+        losses = [h["val_loss"] for h in self.history if "val_loss" in h and math.isfinite(h["val_loss"])]
         return min(losses) if losses else None

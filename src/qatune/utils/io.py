@@ -1,16 +1,25 @@
 """Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one.
 
 Every file qatune writes as a result or as state goes through here: a temporary file (or directory) beside the
-target, flushed to disk, then renamed over the target with `os.replace`, and the directory entry synced.
+target, flushed to disk, then renamed over the target with `os.replace`, and the directory entry synced. A write
+that fails (disk full, permissions) removes its temporary files, leaves the target as it was, and raises one
+`StorageError` naming the target.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from qatune.errors import StorageError
+from qatune.utils.faults import fault_point
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,19 +46,53 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("atomic-file")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if is_write_error(e):
+            raise storage_error(e, path) from e
         raise
-    fsync_dir(path.parent)
     return path
+
+
+def _os_errno(e: BaseException) -> int | None:
+    """The errno of a file-system error: an `OSError`'s, or the one that writers written in Rust (safetensors,
+    tokenizers) put in their message, "... (os error 28)", since they raise plain exceptions."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = _RUST_OS_ERROR.search(str(e))
+    return int(found.group(1)) if found else None
+
+
+def is_write_error(e: BaseException) -> bool:
+    """An error of the file system (disk full, quota, permissions, read-only), as opposed to a bug."""
+    if isinstance(e, StorageError):
+        return False  # already says which path
+    return isinstance(e, OSError) or _os_errno(e) is not None
+
+
+def storage_error(e: BaseException, target: Path, tmp: Path | None = None) -> StorageError:
+    """One line naming the file that could not be written (the target's name, not the temporary one's)."""
+    name = getattr(e, "filename", None) or str(target)
+    if tmp is not None and str(name).startswith(str(tmp)):
+        name = str(target) + str(name)[len(str(tmp)):]
+    code = _os_errno(e)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on device"
+    else:
+        reason = getattr(e, "strerror", None) or (os.strerror(code) if code else str(e))
+    return StorageError(f"cannot write {name}: {reason}")
 
 
 def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], *, merge: bool = True) -> Path:
@@ -59,16 +102,19 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Non
     (`merge=True`: other files in it, e.g. a user's notes, are kept), or swapped whole (`merge=False`: renamed
     aside, and removed only once the new one is in place)."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         write(tmp)
         _fsync_tree(tmp)
+        fault_point("dir-written")
         if not out.exists():
             os.replace(tmp, out)
         elif merge:
-            for f in tmp.iterdir():
+            for f in sorted(tmp.iterdir()):
                 os.replace(f, out / f.name)
+                fault_point("dir-file-replaced")
             tmp.rmdir()
             fsync_dir(out)
         else:
@@ -77,7 +123,31 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Non
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(e):
+            raise storage_error(e, out, tmp) from e
         raise
     return out
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Let `write(tmp)` create a temporary file beside `path` (for writers that want a path, not bytes), then
+    rename it over `path`: a large file (a GGUF export) appears whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if is_write_error(e):
+            raise storage_error(e, path, Path(tmp)) from e
+        raise
+    fsync_dir(path.parent)
+    return path
