@@ -134,7 +134,8 @@ def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
     seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     model = build_model(cfg, device)  # before the data: its position limit bounds data.max_length
-    cfg.data.max_length = rundir.resolve_max_length(cfg.data.max_length, rundir.position_limit(model))
+    max_length = rundir.resolve_max_length(cfg.data.max_length, rundir.position_limit(model))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=max_length))  # the caller's stays
     data = prepare_data(cfg.data, tokenizer, t.seed)
     say(f"Data: {len(data.train)} train / {len(data.val)} validation examples; {data.report.summary()}")
     param_counts = count_parameters(model)
