@@ -10,7 +10,7 @@ import time
 
 from qatune.data.prompts import make_prompt_format
 from qatune.data.readers import SAMPLE_DATA, load_examples
-from qatune.evaluation.metrics import exact_match
+from qatune.evaluation.metrics import exact_match, token_f1
 from qatune.generation.answer import answer_questions
 from qatune.generation.runs import load_for_inference
 from qatune.models.download import download
@@ -22,8 +22,12 @@ from qatune.training.recipe import train_model
 CONFIG = SAMPLE_DATA / "demo.yaml"
 
 
-def _exact_match(answers: list[str], examples) -> float:
-    return 100.0 * sum(exact_match(a, ex.aliases) for a, ex in zip(answers, examples)) / len(examples)
+def _scores(answers: list[str], examples) -> str:
+    """Exact match and token F1 (SQuAD normalisation): F1 gives partial credit to a sentence that contains the
+    answer, which is how the instruction-tuned base model answers."""
+    em = 100.0 * sum(exact_match(a, ex.aliases) for a, ex in zip(answers, examples)) / len(examples)
+    f1 = 100.0 * sum(token_f1(a, ex.aliases) for a, ex in zip(answers, examples)) / len(examples)
+    return f"EM {em:.1f}%, F1 {f1:.1f}"
 
 
 def run_demo(out: str = "runs/demo", epochs: int | None = None) -> int:
@@ -51,8 +55,7 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None) -> int:
     print(f"\n{'question':<{width}}  {'before':<24}  {'after':<24}  expected")
     for q, b, a, ex in list(zip(questions, before, after, test))[:12]:
         print(f"{q:<{width}}  {_clip(b):<24}  {_clip(a):<24}  {ex.answer}")
-    print(f"\nExact match on {len(test)} held-out questions: before {_exact_match(before, test):.1f}%  "
-          f"after {_exact_match(after, test):.1f}%")
+    print(f"\nOn {len(test)} held-out questions: before {_scores(before, test)};  after {_scores(after, test)}")
     print(f"Trainable parameters: {summary['trainable_params']:,} / {summary['total_params']:,} "
           f"({summary['trainable_percent']:.2f}%); {summary['steps']} steps; "
           f"total time {time.perf_counter() - start:.0f} s. Adapter (peft format): {out}/adapter")
