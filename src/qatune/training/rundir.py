@@ -22,6 +22,7 @@ from torch import nn
 
 from qatune.errors import ConfigError
 from qatune.training.config import RunConfig
+from qatune.training.loggers import flatten
 from qatune.utils.io import atomic_write_text
 from qatune.utils.lock import DirLock
 
@@ -97,7 +98,7 @@ def check_resume_config(saved: dict[str, Any], cfg: RunConfig, world: int, where
                         say: Callable[[str], None]) -> None:
     """Refuse a resume whose config changes the run's identity (every difference listed in one message); log the
     changes that a resume applies."""
-    before, now = _flat(saved["config"]), _flat(cfg.to_dict())
+    before, now = flatten(saved["config"]), flatten(cfg.to_dict())
     changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and k not in _NOT_COMPARED)
     refused = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed if k not in RESUMABLE_CHANGES]
     if saved.get("world_size", world) != world:
@@ -109,16 +110,6 @@ def check_resume_config(saved: dict[str, Any], cfg: RunConfig, world: int, where
                           "or start a new run (another out=, or overwrite=true)")
     for k in changed:
         say(f"resume: {k} {before[k]!r} -> {now[k]!r} (applied)")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def count_records(path: Path) -> int:
