@@ -88,11 +88,7 @@ def evaluate(
     generation = generation or GenerationConfig(max_new_tokens=32)
     data_path = resolve_data(data)
     task = resolve_task(task, fmt, data_path)
-    report = DataReport()
-    examples, inputs = _inputs(load_examples(data_path, fmt=fmt, report=report), task, max_examples)
-    if not examples:
-        raise DataError(f"no examples to evaluate in {data_path} ({report.summary()})")
-
+    examples, inputs = _read(data_path, fmt, task, max_examples)
     model, tokenizer = load_for_inference(source, device=device)
     style = make_prompt_format(prompt_format, template, tokenizer)
     losses: dict[str, Any] = {"loss": None, "perplexity": None, "loss_examples": 0}
@@ -120,6 +116,14 @@ def evaluate(
     if run is not None:  # a run's model card shows its RUN/eval/metrics.json figures
         write_model_card(source)
     return metrics
+
+
+def _read(data_path: str, fmt: str, task: str, max_examples: int | None) -> tuple[list[QAExample], list[QAExample]]:
+    report = DataReport()
+    examples, inputs = _inputs(load_examples(data_path, fmt=fmt, report=report), task, max_examples)
+    if not examples:
+        raise DataError(f"no examples to evaluate in {data_path} ({report.summary()})")
+    return examples, inputs
 
 
 def generation_metrics(model: torch.nn.Module, tokenizer, examples: list[QAExample], prompt_format: PromptFormat,

@@ -135,24 +135,45 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
     for name, layer in layers.items():
         pairs.update(_peft_pairs(to_hf, name, layer))
 
+    tensors = _adapter_tensors(model, pairs)
+    peft_config = _peft_config(cfg, config, pairs, base_model_name_or_path)
+
+    def write(tmp: Path) -> None:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+        save_file(tensors, str(tmp / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return write_dir_atomically(out_dir, write)
+
+
+def _adapter_tensors(model: nn.Module, pairs: dict[str, tuple[Tensor, Tensor, int, float]]) -> dict[str, Tensor]:
+    """peft's tensor names -> values: every pair's A and B, and the biases the bias mode trains."""
+    cfg: ModelConfig = model.config
+    bias = model.lora_config.bias
     tensors: dict[str, Tensor] = {}
     for module, (a, b, _, _) in pairs.items():
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.cpu().contiguous()
-    if config.bias != "none":
+    if bias != "none":
         for hf_name, (native, part, _) in hf_name_table(cfg).items():
             module = hf_name.removesuffix(".bias")
-            if module == hf_name or (config.bias == "lora_only" and module not in pairs):
+            if module == hf_name or (bias == "lora_only" and module not in pairs):
                 continue
             value = _plain_param(model, native).detach()
             value = value[qkv_slice(cfg, part)] if part else value
             key = f"{module}.base_layer.bias" if module in pairs else hf_name
             tensors[PEFT_PREFIX + key] = value.cpu().clone()
+    return tensors
 
+
+def _peft_config(cfg: ModelConfig, config: LoRAConfig, pairs: dict[str, tuple[Tensor, Tensor, int, float]],
+                 base_model_name_or_path: str) -> dict:
+    """adapter_config.json as peft writes it for these pairs."""
     (r, alpha), _ = Counter((r, a) for _, _, r, a in pairs.values()).most_common(1)[0]
     short = sorted({m.rpartition(".")[2] for m in pairs})
     selected_by_short = {m for m in _hf_linear_modules(cfg) if m.rpartition(".")[2] in short}
-    peft_config = {
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
@@ -175,14 +196,6 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
         "use_dora": False,
         "lora_bias": False,
     }
-
-    def write(tmp: Path) -> None:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
-        save_file(tensors, str(tmp / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-
-    return write_dir_atomically(out_dir, write)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
