@@ -40,7 +40,7 @@ from torch import nn
 from qatune.errors import ModelError
 from qatune.training.statefile import load_state, save_state
 from qatune.utils.faults import fault_point
-from qatune.utils.io import fsync_dir, is_write_error, storage_error
+from qatune.utils.io import fsync_dir, fsync_tree, is_write_error, storage_error
 
 FORMAT = 2  # 1: state.pt (a pickle), no manifest -- no longer read
 WEIGHTS, STATE_TENSORS, STATE_JSON, MANIFEST = "weights.safetensors", "state.safetensors", "state.json", "manifest.json"
@@ -121,9 +121,7 @@ def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], state: 
     fault_point("state-written")
     files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    fsync_tree(tmp)
     fault_point("manifest-written")
 
 

@@ -31,7 +31,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """Flush every file below `path` to disk (before a rename publishes them)."""
     for f in sorted(path.rglob("*")):
         if f.is_file() and not f.is_symlink():
             with open(f, "rb") as fh:
@@ -95,33 +96,27 @@ def storage_error(e: BaseException, target: Path, tmp: Path | None = None) -> St
     return StorageError(f"cannot write {name}: {reason}")
 
 
-def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], *, merge: bool = True) -> Path:
+def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Let `write(tmp)` fill a temporary sibling directory, then put its files in place of `out_dir`'s.
 
-    A new `out_dir` appears whole (one rename). An existing one is updated file by file with `os.replace`
-    (`merge=True`: other files in it, e.g. a user's notes, are kept), or swapped whole (`merge=False`: renamed
-    aside, and removed only once the new one is in place)."""
+    A new `out_dir` appears whole (one rename). An existing one is updated file by file with `os.replace`, so
+    other files in it (e.g. a user's notes) are kept."""
     out = Path(out_dir)
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         write(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         fault_point("dir-written")
         if not out.exists():
             os.replace(tmp, out)
-        elif merge:
+        else:
             for f in sorted(tmp.iterdir()):
                 os.replace(f, out / f.name)
                 fault_point("dir-file-replaced")
             tmp.rmdir()
             fsync_dir(out)
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
         fsync_dir(out.parent)
     except BaseException as e:
         if tmp is not None:
