@@ -95,9 +95,14 @@ class Recipe:
         return self.out / "checkpoints"
 
     def epoch_plan(self, epoch: int) -> list[list[list[int]]]:
-        t = self.cfg.train
-        return plan_batches([len(f) for f in self.data.train], t.batch_size, packing=t.packing,
-                            max_length=self.cfg.data.max_length, shuffle=True, seed=t.seed, epoch=epoch)
+        return epoch_plan(self.cfg, self.data, epoch)
+
+
+def epoch_plan(cfg: RunConfig, data: TrainingData, epoch: int) -> list[list[list[int]]]:
+    """The epoch's batches as feature indices: a pure function of (config, data, epoch), so resume recomputes it."""
+    t = cfg.train
+    return plan_batches([len(f) for f in data.train], t.batch_size, packing=t.packing,
+                        max_length=cfg.data.max_length, shuffle=True, seed=t.seed, epoch=epoch)
 
 
 def train_model(cfg: RunConfig) -> dict[str, Any]:
@@ -176,8 +181,7 @@ def _step_plan(cfg: RunConfig, data: TrainingData, d: Dist, say: Callable[[str],
     """How many optimizer steps an epoch and the run have (the plan of epoch 0 counts the micro-batches)."""
     t = cfg.train
     group = t.grad_accum * d.world
-    micro = len(plan_batches([len(f) for f in data.train], t.batch_size, packing=t.packing,
-                             max_length=cfg.data.max_length, shuffle=True, seed=t.seed, epoch=0))
+    micro = len(epoch_plan(cfg, data, 0))
     steps_per_epoch = micro // group
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(data.train)} training examples make fewer micro-batches than one optimizer step "
