@@ -22,7 +22,7 @@ from qatune.errors import ConfigError
 from qatune.generation.decode import GenerationConfig
 from qatune.training.state import EARLY_STOP_METRICS
 from qatune.utils.io import atomic_write_text
-from qatune.utils.yamlfile import read_yaml
+from qatune.utils.yamlfile import read_yaml_mapping
 
 SWEEP_KEYS = {"name", "description", "models", "methods", "ranks", "seeds", "zero_shot", "few_shot", "grid", "select",
               "base", "method_overrides", "eval", "extra_eval", "slices"}
@@ -134,11 +134,7 @@ class Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; every run's train config is validated (by `run.py`) before anything runs."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file not found: {p}")
-    raw = read_yaml(p) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sweep keys")
+    raw = read_yaml_mapping(p, "sweep", "sweep keys")
     unknown = set(raw) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"{p}: unknown sweep key(s) {sorted(unknown)}; valid: {sorted(SWEEP_KEYS)}")

@@ -28,7 +28,7 @@ from qatune.training.loggers import report_targets
 from qatune.training.optim import PRECISIONS, SCHEDULES
 from qatune.training.state import EARLY_STOP_METRICS
 from qatune.utils.io import atomic_write_text
-from qatune.utils.yamlfile import parse_yaml, read_yaml
+from qatune.utils.yamlfile import parse_yaml, read_yaml_mapping
 
 METHODS = ("lora", "full")
 BACKENDS = ("native", "hf")
@@ -160,12 +160,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     """Read a YAML config (optional) and apply `a.b=value` overrides (values parsed as YAML scalars)."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        raw = read_yaml(p) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
+        raw = read_yaml_mapping(path, "config", "keys to values")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -34,3 +34,15 @@ def read_yaml(path: str | os.PathLike) -> Any:
     except OSError as e:
         raise ConfigError(f"cannot read {p}: {e.strerror or e}") from None
     return parse_yaml(text, str(p))
+
+
+def read_yaml_mapping(path: str | os.PathLike, kind: str, contents: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a config, a sweep): missing file, bad YAML and any other top level
+    are one-line `ConfigError`s naming the file. `kind` names the file, `contents` what its keys are."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{kind} file not found: {p}")
+    raw = read_yaml(p) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of {contents}")
+    return raw
