@@ -227,13 +227,17 @@ def _read_utf8(path: str) -> str:
         raise DataError(f"{path}:{line}: invalid encoding: not UTF-8 (byte 0x{data[e.start]:02x})") from None
 
 
-def _jsonl_lines(path: str, lines: Any) -> Iterator[_Item]:
+def _numbered(path: str, lines: Any) -> Iterator[tuple[str, str | DataError]]:
+    """("path:line", text) for every non-blank line; a line that could not be decoded comes as its DataError."""
     for number, line in enumerate(lines, start=1):
-        source = f"{path}:{number}"
+        if isinstance(line, DataError) or line.strip():
+            yield f"{path}:{number}", line
+
+
+def _jsonl_lines(path: str, lines: Any) -> Iterator[_Item]:
+    for source, line in _numbered(path, lines):
         if isinstance(line, DataError):
             yield source, line
-            continue
-        if not line.strip():
             continue
         try:
             record = json.loads(line)
@@ -301,12 +305,9 @@ def _read_csv(path: str) -> Iterator[_Item]:
 
 
 def _read_e2e(path: str) -> Iterator[_Item]:
-    for number, line in enumerate(_utf8_lines(path), start=1):
-        source = f"{path}:{number}"
+    for source, line in _numbered(path, _utf8_lines(path)):
         if isinstance(line, DataError):
             yield source, line
-            continue
-        if not line.strip():
             continue
         if "||" not in line:
             yield source, DataError(f"{source}: invalid E2E line: expected 'meaning representation||reference'")
