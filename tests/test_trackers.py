@@ -56,6 +56,23 @@ def test_mlflow_local_store_holds_the_metrics_params_and_summary(qa_gpt2_dir, tm
     assert run.data.metrics["summary/best_val_loss"] == pytest.approx(summary["best_val_loss"])
 
 
+def test_a_failed_run_ends_its_tracked_run_as_failed(qa_gpt2_dir, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from qatune.errors import TrainingError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match="diverged"):
+        _train(qa_gpt2_dir, run_dir, "train.report_to=[mlflow]", "train.lr=1e4", "train.max_steps=12",
+               "train.run_group=failing")
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+    assert "summary/steps" not in run.data.metrics
+
+
 def _wandb_records(run_dir: Path) -> list[dict]:
     (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     wandb_cli = Path(sys.executable).parent / "wandb"

@@ -117,6 +117,7 @@ def train_model(cfg: RunConfig) -> dict[str, Any]:
         state.train_time = state.elapsed()
         return finish(recipe, state)
     finally:
+        recipe.log.close()  # a run that failed ends its tracked runs as failed; after finish() a no-op
         if recipe.lock is not None:
             recipe.lock.release()
 
