@@ -176,6 +176,21 @@ def step_of_state(state: dict) -> int:
     return state["train_state"]["step"]
 
 
+def test_resume_removes_the_temporary_copies_of_interrupted_writes(qa_gpt2_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = _train_args(qa_gpt2_dir, run, "train.save_every=2")
+    assert _run(capsys, *base, "train.max_steps=2")[0] == 0
+    (run / ".adapter.tmp-k3x_9q2z").mkdir()  # what a kill during the result write leaves (utils.io's names)
+    (run / ".adapter.tmp-k3x_9q2z" / "adapter_model.safetensors").write_bytes(b"half")
+    (run / ".summary.json.tmp-a1b2c3d4").write_text("{")
+    (run / ".my-notes.tmp-keep").write_text("not ours")  # not a name our writers make: kept
+    code, err = _run(capsys, *base, "train.max_steps=4", "resume=true")
+    said = "".join(err.split())  # the console wraps long paths
+    assert code == 0 and "Removed" in said and ".adapter.tmp-k3x_9q2z" in said and ".summary.json.tmp-a1b2c3d4" in said
+    assert sorted(p.name for p in run.glob(".*tmp*")) == [".my-notes.tmp-keep"]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
 def test_resume_checks_the_config(qa_gpt2_dir, tmp_path, capsys):
     run = tmp_path / "run"
     base = _train_args(qa_gpt2_dir, run, "train.save_every=2", "train.schedule=constant", "train.lr=1e-3")

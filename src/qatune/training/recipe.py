@@ -207,6 +207,8 @@ def start_run(r: Recipe) -> TrainState:
                 rundir.clear_previous_run(r.out)
         state, records = TrainState(), None
     if r.dist.main:
+        for name in rundir.remove_interrupted_writes(r.out):
+            r.say(f"Removed {r.out / name}: the temporary copy of a write that was interrupted")
         save_config(r.cfg, r.out / "config.yaml")
         rundir.repair_metrics(r.out / "metrics.jsonl", records, r.say)
     return state

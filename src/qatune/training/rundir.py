@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,22 @@ def clear_previous_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+# What utils.io's atomic writers name their temporary files and directories: ".NAME.tmp-" + mkstemp's suffix.
+_INTERRUPTED_WRITE = re.compile(r"^\.[^/]+\.tmp-[A-Za-z0-9_]{8}$")
+
+
+def remove_interrupted_writes(out: Path) -> list[str]:
+    """The temporary files and directories of result writes that a kill interrupted (`.adapter.tmp-*`,
+    `.summary.json.tmp-*`...) go; only the lock holder writes here, so none is in use. Returns their names."""
+    found = sorted(p for p in out.iterdir() if _INTERRUPTED_WRITE.match(p.name)) if out.is_dir() else []
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return [p.name for p in found]
 
 
 def position_limit(model: nn.Module) -> int | None:
