@@ -212,6 +212,23 @@ def test_mixed_precision_runs_and_learns(qa_gpt2_dir, tmp_path, precision):
     assert state["scaler"] if precision == "fp16" else not state["scaler"]  # the scaler's state only when used
 
 
+def test_fp16_overflow_steps_are_skipped_counted_and_logged(qa_gpt2_dir, tmp_path, monkeypatch, capsys):
+    """A loss scale so large that every scaled gradient overflows: the scaler skips each step (the weights stay as
+    they were) and the run says so, counts them in metrics.jsonl and summary.json."""
+    real_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **kw: real_scaler(*a, init_scale=2.0**120, **kw))
+    cfg = load_config(None, [f"model={qa_gpt2_dir}", "method=lora", "data.train=sample", "train.max_steps=3",
+                             "train.batch_size=4", "train.precision=fp16", "train.progress=false",
+                             f"out={tmp_path}"])
+    summary = train_model(cfg)
+    assert summary["skipped_steps"] == 3
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records if r["event"] == "train"] == [1, 2, 3]
+    lora_b = [v for k, v in load_file(tmp_path / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and all(not v.any() for v in lora_b)  # B starts at zero and no step changed it
+    assert "fp16 gradient overflow" in capsys.readouterr().err
+
+
 def test_tensorboard_logs_the_same_events(qa_gpt2_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

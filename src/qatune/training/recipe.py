@@ -307,7 +307,12 @@ def train_step(r: Recipe, state: TrainState, step_batches: list[dict[str, torch.
         dist.all_reduce(loss_total)
     r.scaler.unscale_(r.optimizer)  # gradients in true units for the norm and clipping (no-op without fp16)
     mean_loss = loss_total.item() / max(global_tokens, 1)
-    _check_finite(r, state, mean_loss, _grad_norm(r))
+    grad_norm = _grad_norm(r)
+    _check_finite(r, state, mean_loss, grad_norm)
+    if not math.isfinite(grad_norm):  # only under fp16: the scaler skips this step and lowers its scale
+        state.skipped_steps += 1
+        r.say(f"Step {state.step + 1}: fp16 gradient overflow (norm {grad_norm}); the step is skipped and the loss "
+              f"scale lowered ({state.skipped_steps} skipped so far)")
     r.scaler.step(r.optimizer)
     r.scaler.update()
     r.optimizer.zero_grad(set_to_none=True)
@@ -358,7 +363,8 @@ def log_step(r: Recipe, state: TrainState, loss: float, lr: float, progress: Pro
     state.tokens_seen += window
     state.window_tokens, state.window_start = 0, now
     r.log.write({"event": "train", "step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
-                 "tokens_per_s": tokens_per_s})
+                 "tokens_per_s": tokens_per_s}
+                | ({"skipped_steps": state.skipped_steps} if r.scaler.is_enabled() else {}))
     progress.update(state.step, f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
 
 
@@ -487,6 +493,7 @@ def _summary(r: Recipe, state: TrainState) -> dict[str, Any]:
         "best_val_loss": state.best_val_loss(),
         "best_metric": {r.cfg.train.early_stop_metric: state.best_metric},
         "early_stopped": state.early_stopped,
+        "skipped_steps": state.skipped_steps,
         "wall_time_s": state.train_time,
         "tokens_per_s": state.tokens_seen / max(state.train_time, 1e-9),
         "peak_memory_bytes": peak_memory(r.device),

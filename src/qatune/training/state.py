@@ -28,6 +28,7 @@ class TrainState:
     bad_evals: int = 0  # evaluations in a row without improvement (early stopping's patience counter)
     early_stopped: bool = False
     tokens_seen: int = 0
+    skipped_steps: int = 0  # fp16 steps the gradient scaler skipped (an inf/NaN gradient lowered its scale)
     train_time: float = 0.0  # seconds of training over every session (a resumed run adds up)
     history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation record
     # This session's clocks: when it started, the train_time before it, and the current logging window.
