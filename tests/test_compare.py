@@ -68,10 +68,14 @@ def test_sweep_resumes_after_sigkill_and_reports(qa_gpt2_dir, tmp_path):
     assert lora["rank"] == 4 and lora["steps"] == 3
     assert lora["trainable_params"] < results["runs"][1]["trainable_params"]
     assert len(lora["val_curve"]) == 3 and results["invocations"] == 2
+    trained = sum(r["wall_time_s"] for r in results["runs"][1:])
+    assert results["training"] == {"runs": 2, "wall_time_s": pytest.approx(trained)}
 
     report = (out / "report.md").read_text()
     assert "| LoRA r=4 |" in report and "| full |" in report and "| zero-shot |" in report
     assert "### Verdict" in report and "Conclusion:" in report and "torch " in report
+    assert f"- Budget: 2 training run(s) (2 with the first seed: every configuration and grid point; 0 with the " \
+           f"other seeds of the picked configurations), {trained / 60:.1f} min of training in all" in report
     for png in ("val-loss", "quality-vs-params", "cost"):
         name = f"{qa_gpt2_dir.name}-{png}.png"
         assert f"]({name})" in report and (out / name).stat().st_size > 1000

@@ -43,7 +43,14 @@ def collect_results(sweep: Sweep, out: Path, picks: dict[tuple[str, str, int | N
             "base": sweep.base, "slices": sweep.slices, "seeds": sweep.seeds, "few_shot": sweep.few_shot,
             "select_metric": sweep.select_metric,
             "wall_time_s": sum(i["elapsed_s"] for i in invocations), "invocations": len(invocations),
+            "training": _training_budget(out, sweep.candidates() + [r for r in finals if r not in sweep.candidates()]),
             "runs": rows, "selection": tried}
+
+
+def _training_budget(out: Path, trained: list[Run]) -> dict[str, Any]:
+    """How many trainings the sweep ran (grid points and seeds) and their summed training time."""
+    summaries = [json.loads((out / "runs" / run.name / "summary.json").read_text()) for run in trained]
+    return {"runs": len(trained), "wall_time_s": sum(s.get("wall_time_s") or 0.0 for s in summaries)}
 
 
 def _evaluated_row(sweep: Sweep, out: Path, run: Run, task: str) -> dict[str, Any]:
