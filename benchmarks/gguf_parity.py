@@ -90,6 +90,23 @@ def greedy_qatune(model, prompts: list[list[int]], n: int) -> list[list[int]]:
     return out
 
 
+def llama_greedy(llm, prompts: list[list[int]], n: int, eos: int | None = None) -> list[list[int]]:
+    """llama.cpp's greedy continuation of each prompt: n tokens, or up to `eos` (not included) when given."""
+    out = []
+    for p in prompts:
+        llm.reset()
+        llm.eval(p)
+        new = []
+        for _ in range(n):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if nxt == eos:
+                break
+            new.append(nxt)
+            llm.eval([nxt])
+        out.append(new)
+    return out
+
+
 def llama_cpp_check(path: Path, qatune_file_model, ref_greedy: list[list[int]], tokenizer, prompts: list[list[int]],
                     texts: list[str], n: int) -> dict:
     from llama_cpp import GGML_TYPE_F32, Llama
@@ -105,15 +122,7 @@ def llama_cpp_check(path: Path, qatune_file_model, ref_greedy: list[list[int]], 
         with torch.no_grad():
             ours = qatune_file_model(torch.tensor([p]))[0].numpy()
         diff = max(diff, float(np.abs(np.array(llm.scores[: len(p)]) - ours).max()))
-    theirs = []
-    for p in prompts:
-        llm.reset()
-        llm.eval(p)
-        new = []
-        for _ in range(n):
-            new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([new[-1]])
-        theirs.append(new)
+    theirs = llama_greedy(llm, prompts, n)
     vs_file = greedy_qatune(qatune_file_model, prompts, n)
     return {"tokenize_equal": same_tokens, "max_logit_diff_vs_qatune_same_file": diff,
             "greedy_equal_vs_qatune_same_file": agree(theirs, vs_file, tokenizer.eos_token_id),

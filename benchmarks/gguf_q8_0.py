@@ -22,8 +22,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
+from gguf_parity import llama_greedy  # this folder is on sys.path when the script runs
 
 from qatune.data.prompts import DEFAULT_TEMPLATE, make_prompt_format
 from qatune.data.readers import load_examples
@@ -68,19 +68,7 @@ def llama_cpp_greedy(path: Path, prompts: list[list[int]], n: int, eos: int) -> 
 
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=1, logits_all=True, verbose=False,
                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
-    out = []
-    for p in prompts:
-        llm.reset()
-        llm.eval(p)
-        new = []
-        for _ in range(n):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            if nxt == eos:
-                break
-            new.append(nxt)
-            llm.eval([nxt])
-        out.append(new)
-    return out
+    return llama_greedy(llm, prompts, n, eos)
 
 
 def divergence(merged, prompt: list[int], ref: list[int], got: list[int], eos: int) -> dict:
