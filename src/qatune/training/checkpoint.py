@@ -40,7 +40,7 @@ from torch import nn
 from qatune.errors import ModelError
 from qatune.training.statefile import load_state, save_state
 from qatune.utils.faults import fault_point
-from qatune.utils.io import fsync_dir, fsync_tree, is_write_error, storage_error
+from qatune.utils.io import fsync_dir, fsync_tree, scratch_beside
 
 FORMAT = 2  # 1: state.pt (a pickle), no manifest -- no longer read
 WEIGHTS, STATE_TENSORS, STATE_JSON, MANIFEST = "weights.safetensors", "state.safetensors", "state.json", "manifest.json"
@@ -90,11 +90,8 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
     as it was."""
     name = f"step-{step:06d}"
     final = root / name
-    tmp = None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    with scratch_beside(final, directory=True) as tmp:
+        _remove_leftovers(root, keep=tmp)
         _write_files(tmp, step, weights, {**state, "rng": rng_state(), "step": step})
         _swap_in(tmp, final)
         point(root, "last", name)
@@ -105,12 +102,6 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
         fsync_dir(root)
         _rotate(root, keep, step)
         fault_point("rotated")
-    except BaseException as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if is_write_error(e):
-            raise storage_error(e, final, tmp) from e
-        raise
     return final
 
 
@@ -150,11 +141,11 @@ def point(root: Path, link_name: str, target_name: str) -> None:
     os.replace(tmp, link)
 
 
-def _remove_leftovers(root: Path) -> None:
+def _remove_leftovers(root: Path, keep: Path) -> None:
     """Temporary and set-aside directories of writes that a kill interrupted (only the lock holder writes here,
-    so none of them is in use)."""
+    so none of them but `keep`, the write now under way, is in use)."""
     for p in root.iterdir():
-        if p.name.startswith(".step-") and (".tmp-" in p.name or ".old-" in p.name):
+        if p != keep and p.name.startswith(".step-") and (".tmp-" in p.name or ".old-" in p.name):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -13,7 +13,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from qatune.errors import StorageError
@@ -47,24 +48,42 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically."""
     path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+    with scratch_beside(path, directory=False) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         fault_point("atomic-file")
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    return path
+
+
+@contextmanager
+def scratch_beside(target: Path, *, directory: bool) -> Iterator[Path]:
+    """A temporary file (or directory) beside `target`, named `.NAME.tmp-XXXXXXXX`, for the with-block to fill
+    and rename into place. If the block fails, the temporary goes and a file-system error becomes one
+    `StorageError` naming `target` (and the file inside it), so that no writer has to repeat this policy."""
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{target.name}.tmp-"
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+        yield tmp
     except BaseException as e:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            if directory:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         if is_write_error(e):
-            raise storage_error(e, path) from e
+            raise storage_error(e, target, tmp) from e
         raise
-    return path
 
 
 def _os_errno(e: BaseException) -> int | None:
@@ -102,10 +121,7 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Non
     A new `out_dir` appears whole (one rename). An existing one is updated file by file with `os.replace`, so
     other files in it (e.g. a user's notes) are kept."""
     out = Path(out_dir)
-    tmp = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with scratch_beside(out, directory=True) as tmp:
         write(tmp)
         fsync_tree(tmp)
         fault_point("dir-written")
@@ -118,12 +134,6 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Non
             tmp.rmdir()
             fsync_dir(out)
         fsync_dir(out.parent)
-    except BaseException as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if is_write_error(e):
-            raise storage_error(e, out, tmp) from e
-        raise
     return out
 
 
@@ -131,18 +141,10 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     """Let `write(tmp)` create a temporary file beside `path` (for writers that want a path, not bytes), then
     rename it over `path`: a large file (a GGUF export) appears whole or not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
+    with scratch_beside(path, directory=False) as tmp:
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if is_write_error(e):
-            raise storage_error(e, path, Path(tmp)) from e
-        raise
     fsync_dir(path.parent)
     return path
