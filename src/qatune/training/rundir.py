@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 from qatune.errors import ConfigError
 from qatune.training.config import RunConfig
 from qatune.training.loggers import flatten
-from qatune.utils.io import atomic_write_text
+from qatune.utils.io import atomic_write_text, is_scratch
 from qatune.utils.lock import DirLock
 
 # What makes a directory a run's; `overwrite=true` removes these (config.yaml is rewritten).
@@ -75,14 +74,10 @@ def clear_previous_run(out: Path) -> None:
             path.unlink()
 
 
-# What utils.io's atomic writers name their temporary files and directories: ".NAME.tmp-" + mkstemp's suffix.
-_INTERRUPTED_WRITE = re.compile(r"^\.[^/]+\.tmp-[A-Za-z0-9_]{8}$")
-
-
 def remove_interrupted_writes(out: Path) -> list[str]:
     """The temporary files and directories of result writes that a kill interrupted (`.adapter.tmp-*`,
     `.summary.json.tmp-*`...) go; only the lock holder writes here, so none is in use. Returns their names."""
-    found = sorted(p for p in out.iterdir() if _INTERRUPTED_WRITE.match(p.name)) if out.is_dir() else []
+    found = sorted(p for p in out.iterdir() if is_scratch(p)) if out.is_dir() else []
     for p in found:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

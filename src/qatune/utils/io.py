@@ -59,6 +59,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+# The names scratch_beside gives: ".NAME.tmp-" + tempfile's 8-character suffix.
+_SCRATCH_NAME = re.compile(r"^\.[^/]+\.tmp-[A-Za-z0-9_]{8}$")
+
+
+def is_scratch(path: Path) -> bool:
+    """Whether `path` is named like the temporary of an atomic write (left behind when a kill interrupted it)."""
+    return _SCRATCH_NAME.match(path.name) is not None
+
+
 @contextmanager
 def scratch_beside(target: Path, *, directory: bool) -> Iterator[Path]:
     """A temporary file (or directory) beside `target`, named `.NAME.tmp-XXXXXXXX`, for the with-block to fill
