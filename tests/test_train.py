@@ -230,6 +230,7 @@ def test_fp16_overflow_steps_are_skipped_counted_and_logged(qa_gpt2_dir, tmp_pat
 
 
 def test_tensorboard_logs_the_same_events(qa_gpt2_dir, tmp_path):
+    pytest.importorskip("tensorboard")  # an optional extra (`qatune[tensorboard]`)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = load_config(None, [f"model={qa_gpt2_dir}", "method=lora", "data.train=sample", "train.max_steps=4",

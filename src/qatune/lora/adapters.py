@@ -183,7 +183,6 @@ def _peft_config(cfg: ModelConfig, config: LoRAConfig, pairs: dict[str, tuple[Te
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "target_modules": short if selected_by_short == set(pairs) else sorted(pairs),
-        "exclude_modules": None,
         "fan_in_fan_out": is_transposed(cfg),
         "bias": config.bias,
         "use_rslora": config.use_rslora,
@@ -194,7 +193,8 @@ def _peft_config(cfg: ModelConfig, config: LoRAConfig, pairs: dict[str, tuple[Te
         "rank_pattern": {m: pr for m, (_, _, pr, _) in pairs.items() if pr != r},
         "alpha_pattern": {m: pa for m, (_, _, _, pa) in pairs.items() if pa != alpha},
         "use_dora": False,
-        "lora_bias": False,
+        # Keys that newer peft versions added (exclude_modules, lora_bias) are left out at their defaults, so that
+        # every peft from the declared minimum version on reads the file; newer versions fill them in.
     }
 
 

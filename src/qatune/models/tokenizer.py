@@ -9,6 +9,9 @@ from qatune.errors import ModelError
 from qatune.models.gguf_reader import open_gguf
 from qatune.models.loading import ResolvedSource, resolve_source
 
+# The files one of which every Hugging Face tokenizer directory holds (fast, byte-level BPE, sentencepiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+
 
 def load_tokenizer(source: str | os.PathLike):
     """A transformers tokenizer: GPT-2 BPE for GPT-2 checkpoints, the GGUF's own tokenizer for GGUF files.
@@ -22,6 +25,9 @@ def load_tokenizer(source: str | os.PathLike):
     resolved = ResolvedSource(Path(source)) if Path(source).is_dir() else resolve_source(source)
     if resolved.gguf_file:
         open_gguf(resolved.gguf_path)  # a truncated file is one clear error, not a traceback from transformers
+    elif not has_tokenizer(resolved.path):  # checked here: some transformers versions fail with a TypeError
+        raise ModelError(f"no tokenizer in {resolved.path} (none of {', '.join(TOKENIZER_FILES)}): pass the "
+                         "tokenizer's source explicitly (tokenizer=...)")
     try:
         if resolved.gguf_file:
             tok = AutoTokenizer.from_pretrained(str(resolved.path), gguf_file=resolved.gguf_file)
@@ -36,4 +42,4 @@ def load_tokenizer(source: str | os.PathLike):
 
 def has_tokenizer(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model"))
+    return p.is_dir() and any((p / f).is_file() for f in TOKENIZER_FILES)
