@@ -31,9 +31,9 @@ def _hf(path: Path) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def _max_diff(model, ref) -> float:
+def _assert_same_logits(model, ref) -> None:
     with torch.no_grad():
-        return (model(IDS) - ref(IDS).logits).abs().max().item()
+        torch.testing.assert_close(model(IDS), ref(IDS).logits, rtol=0, atol=TOL)
 
 
 def _train(model, steps: int = 3):
@@ -71,9 +71,9 @@ def test_qatune_adapter_loads_in_peft(adapter_base_dirs, tmp_path, case):
     assert not list(tmp_path.glob(".adapter.tmp-*"))  # written atomically, nothing left behind
 
     ref = peft.PeftModel.from_pretrained(_hf(base_dir), tmp_path / "adapter").eval()
-    assert _max_diff(model, ref) <= TOL
+    _assert_same_logits(model, ref)
     again = load_model(base_dir, adapter=tmp_path / "adapter")  # and back into qatune
-    assert _max_diff(again, ref) <= TOL
+    _assert_same_logits(again, ref)
 
 
 def test_gpt2_q_v_slices_export_as_fused_c_attn(adapter_base_dirs, tmp_path):
@@ -123,7 +123,7 @@ def test_peft_adapter_loads_in_qatune(adapter_base_dirs, tmp_path, case):
     ref.save_pretrained(tmp_path, safe_serialization=safetensors)
     assert (tmp_path / ("adapter_model.safetensors" if safetensors else "adapter_model.bin")).is_file()
     model = load_model(adapter_base_dirs[family], adapter=tmp_path)
-    assert _max_diff(model, ref) <= TOL
+    _assert_same_logits(model, ref)
     assert count_parameters(model)[:2] == ref.get_nb_trainable_parameters()  # same adapter, same marking
 
 
@@ -140,7 +140,7 @@ def test_merged_checkpoint_loads_in_transformers_alone(adapter_base_dirs, qa_tok
     save_merged(model, tokenizer, tmp_path / "merged")
     ref = _hf(tmp_path / "merged")
     with torch.no_grad():
-        assert (ref(IDS).logits - adapted).abs().max().item() <= TOL
+        torch.testing.assert_close(ref(IDS).logits, adapted, rtol=0, atol=TOL)
         assert torch.equal(model(IDS), adapted)  # the caller's model still has its (unmerged) LoRA layers
     assert lora_layers(model)
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -217,7 +217,7 @@ def test_merge_run_makes_a_standalone_checkpoint(tiny_gpt2_dir, qa_tokenizer_dir
     save_adapter(model, run / "adapter", base_model_name_or_path=str(tiny_gpt2_dir))
     (run / "config.yaml").write_text(f"model: {tiny_gpt2_dir}\ntokenizer: {qa_tokenizer_dir}\n")
     assert merge_run(run, tmp_path / "merged") == tmp_path / "merged"
-    assert _max_diff(model, _hf(tmp_path / "merged")) <= TOL
+    _assert_same_logits(model, _hf(tmp_path / "merged"))
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
     with pytest.raises(QatuneError, match="not a LoRA run directory"):
         merge_run(tmp_path / "merged", tmp_path / "again")

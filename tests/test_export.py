@@ -64,6 +64,13 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
+def _assert_same_logits(actual: list[torch.Tensor], expected: list[torch.Tensor], atol: float) -> None:
+    """Prompt by prompt within `atol` (rtol 0); a failure names the prompt and the position."""
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, rtol=0, atol=atol, msg=lambda m, i=i: f"prompt {i}: {m}")
+
+
 def _rounded(model, out_type: str):
     """The merged model with its matrices (not positions) rounded as a GGUF of `out_type` stores them."""
     state = {k: _ROUND[out_type](v) if v.ndim == 2 and not k.startswith("pos_embed") else v
@@ -86,13 +93,13 @@ def _check_types(source, tmp_path: Path, *, roundtrip=("f32", "f16", "bf16", "q8
         got = _logits(_hf_from_gguf(out), tokenizer)
         diffs[out_type] = _max_diff(got, ref)
         if out_type == "f32":
-            assert diffs[out_type] <= 1e-4
+            _assert_same_logits(got, ref, atol=1e-4)
         else:  # the file holds the rounded weights, and nothing else differs
-            assert _max_diff(got, _logits(_rounded(model, out_type), tokenizer)) <= 1e-3
+            _assert_same_logits(got, _logits(_rounded(model, out_type), tokenizer), atol=1e-3)
         if out_type in _EPS:
-            assert diffs[out_type] <= 8 * _EPS[out_type] * scale
+            _assert_same_logits(got, ref, atol=8 * _EPS[out_type] * scale)
         if out_type in roundtrip:  # qatune reads its own file back: the function transformers computes from it
-            assert _max_diff(_logits(load_model(out), tokenizer), got) <= 1e-4
+            _assert_same_logits(_logits(load_model(out), tokenizer), got, atol=1e-4)
         if out_type != "q8_0":
             out.unlink()
     print(f"{name}: max |logit diff| vs qatune fp32 (logit scale {scale:.1f}): {diffs}")
@@ -226,8 +233,8 @@ def test_untied_gqa_llama_exports_exactly(tmp_path, qa_tokenizer_dir):
     out = export_gguf(tmp_path / "llama", tmp_path / "llama.gguf", out_type="f32")
     model, tokenizer = load_for_inference(tmp_path / "llama")
     ref = _logits(model, tokenizer)
-    assert _max_diff(_logits(_hf_from_gguf(out), tokenizer), ref) <= 1e-4
-    assert _max_diff(_logits(load_model(out), tokenizer), ref) <= 1e-5
+    _assert_same_logits(_logits(_hf_from_gguf(out), tokenizer), ref, atol=1e-4)
+    _assert_same_logits(_logits(load_model(out), tokenizer), ref, atol=1e-5)
     assert "output.weight" in {t.name for t in GGUFReader(str(out)).tensors}
 
 
@@ -237,7 +244,7 @@ def test_full_fine_tuning_run_round_trips(qa_gpt2_dir, tmp_path):
                                    "train.batch_size=4", "train.progress=false", f"out={tmp_path / 'run'}"]))
     out = export_gguf(tmp_path / "run", tmp_path / "full.gguf", out_type="f32")
     model, tokenizer = load_for_inference(tmp_path / "run")
-    assert _max_diff(_logits(load_model(out), tokenizer), _logits(model, tokenizer)) <= 1e-5
+    _assert_same_logits(_logits(load_model(out), tokenizer), _logits(model, tokenizer), atol=1e-5)
     fields = GGUFReader(str(out)).fields
     assert fields["general.name"].contents() == "run"
     assert fields["general.base_model.0.name"].contents() == str(qa_gpt2_dir)

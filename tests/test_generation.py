@@ -67,8 +67,8 @@ def test_kv_cache_decoding_matches_full_forward(family, dtype, tiny_gpt2_dir, ti
         cached = [model(ids, attention_mask=mask, kv_cache=cache)]
         for t in range(steps.shape[1]):
             cached.append(model(steps[:, t : t + 1], attention_mask=full_mask[:, : 7 + t], kv_cache=cache))
-    bound = 1e-10 if dtype == torch.float64 else 1e-5 * full.abs().max()
-    assert (torch.cat(cached, dim=1) - full).abs().max() < bound
+    bound = 1e-10 if dtype == torch.float64 else 1e-5 * full.abs().max().item()
+    torch.testing.assert_close(torch.cat(cached, dim=1), full, rtol=0, atol=bound)
 
 
 def test_greedy_matches_transformers_in_a_padded_batch(models):

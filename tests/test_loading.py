@@ -34,10 +34,10 @@ def _dir_with_config(src, parent, name):
     return out
 
 
-def _logits_equal(model, ref, atol=1e-4):
+def _assert_same_logits(model, ref, atol=1e-4):
     x = torch.randint(0, 300, (2, 9))
     with torch.no_grad():
-        return (model(x) - ref(x).logits).abs().max().item() <= atol
+        torch.testing.assert_close(model(x), ref(x).logits, rtol=0, atol=atol)
 
 
 def test_sharded_safetensors(tmp_path):
@@ -45,7 +45,7 @@ def test_sharded_safetensors(tmp_path):
     ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
     ref.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    assert _logits_equal(load_model(tmp_path), ref)
+    _assert_same_logits(load_model(tmp_path), ref)
 
 
 def test_pytorch_bin_without_transformer_prefix(gpt2_dir, tmp_path):
@@ -55,7 +55,7 @@ def test_pytorch_bin_without_transformer_prefix(gpt2_dir, tmp_path):
     state = {k.removeprefix("transformer."): v for k, v in load_file(src / "model.safetensors").items()}
     state["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)  # legacy causal-mask buffer, ignored
     torch.save(state, out / "pytorch_model.bin")
-    assert _logits_equal(load_model(out), ref)
+    _assert_same_logits(load_model(out), ref)
 
 
 def test_bin_files_are_loaded_weights_only(gpt2_dir, tmp_path):
@@ -152,7 +152,7 @@ def test_hub_id_served_from_cache(gpt2_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    assert _logits_equal(load_model("someone/tiny-gpt2"), ref)
+    _assert_same_logits(load_model("someone/tiny-gpt2"), ref)
 
 
 def test_real_gpt2_tokenizer():
@@ -200,7 +200,7 @@ def test_smollm2_gguf_matches_transformers_gguf_loading():
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
     ids = tok(["Question: What is the capital of France?\nAnswer:"], return_tensors="pt").input_ids
     with torch.no_grad():
-        assert (model(ids) - ref(ids).logits).abs().max().item() <= 1e-4
+        torch.testing.assert_close(model(ids), ref(ids).logits, rtol=0, atol=1e-4)
     assert model.config.n_kv_head == 3 and model.config.tie_embeddings
 
 

@@ -92,6 +92,15 @@ def _argmax(xs: list[float]) -> int:
     return max(range(len(xs)), key=lambda i: (xs[i], -i))
 
 
+def _assert_same_logprobs(rows: list[dict], reference: list[list[float]], atol: float = 1e-4) -> None:
+    """Every choice's log-probability within `atol` of transformers'; a failure names the item and the choice."""
+    assert len(rows) == len(reference)
+    for i, (row, ref) in enumerate(zip(rows, reference)):
+        torch.testing.assert_close(torch.tensor(row["logprobs"], dtype=torch.float64),
+                                   torch.tensor(ref, dtype=torch.float64), rtol=0, atol=atol,
+                                   msg=lambda m, i=i: f"item {i}: {m}")
+
+
 # ------------------------------------------------------------------------------------------------ reader
 
 
@@ -148,8 +157,7 @@ def test_scores_and_predictions_match_transformers(tmp_path, request, model_fixt
     model, tokenizer = load_for_inference(model_dir)
     for batch_size in (1, 4):
         rows = score_multiple_choice(model, tokenizer, items, batch_size=batch_size)
-        diff = max(abs(a - b) for r, ref in zip(rows, reference) for a, b in zip(r["logprobs"], ref))
-        assert diff <= 1e-4, diff
+        _assert_same_logprobs(rows, reference)
         for row, ref, item in zip(rows, reference, items):
             per_byte = [lp / len(c.encode("utf-8")) for lp, c in zip(ref, item.choices)]
             assert (row["pred_acc"], row["pred_norm"]) == (_argmax(ref), _argmax(per_byte))
@@ -166,7 +174,7 @@ def test_shared_items_match_transformers(qa_llama_dir):
     reference = _reference(qa_llama_dir, items)
     model, tokenizer = load_for_inference(qa_llama_dir)
     rows = score_multiple_choice(model, tokenizer, items, batch_size=5)
-    assert max(abs(a - b) for r, ref in zip(rows, reference) for a, b in zip(r["logprobs"], ref)) <= 1e-4
+    _assert_same_logprobs(rows, reference)
     assert [r["pred_acc"] for r in rows] == [_argmax(ref) for ref in reference]
 
 
@@ -180,7 +188,7 @@ def test_long_contexts_lose_their_first_tokens(tmp_path, qa_gpt2_dir):
     rows = score_multiple_choice(model, tokenizer, items, batch_size=2)
     assert [r["truncated"] for r in rows] == [True, False]
     reference = _reference(qa_gpt2_dir, items, max_positions=128)
-    assert max(abs(a - b) for r, ref in zip(rows, reference) for a, b in zip(r["logprobs"], ref)) <= 1e-4
+    _assert_same_logprobs(rows, reference)
 
 
 def test_cli_eval_mc_writes_metrics_and_predictions(tmp_path, qa_gpt2_dir, capsys):
