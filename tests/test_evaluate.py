@@ -95,6 +95,17 @@ def test_eval_writes_contains_and_answer_length(qa_gpt2_dir, tmp_path, monkeypat
         assert by_question[question]["answer_length"] == words, question
 
 
+def test_demo_before_after_line_shows_contains():
+    """`make demo`'s score line: a sentence holding the answer is wrong by EM, half right by F1, right by contains."""
+    from qatune.cli.demo import _scores
+    from qatune.data.readers import QAExample
+
+    examples = [QAExample("Capital of France?", "Paris", ["Paris"]), QAExample("Capital of Italy?", "Rome", ["Rome"])]
+    # "capital is paris" vs "paris": precision 1/3, recall 1, F1 0.5; "Rome": all 1. Lengths 4 and 1 words.
+    assert _scores(["The capital is Paris.", "Rome"], examples) == \
+        "EM 50.0%, F1 75.0, contains 100.0%, 2.5 words/answer"
+
+
 def test_nlg_generates_once_per_input_with_grouped_references(qa_gpt2_dir, tmp_path):
     if not E2E_TEST.is_file():
         pytest.skip("../shared/data/e2e not present")
