@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from qatune.compare.configs import Config
-from qatune.compare.report import verdict
+from qatune.compare.report import _test_table, verdict
 from qatune.compare.run import select
 from qatune.compare.sweep import load_sweep
 from qatune.errors import QatuneError
@@ -74,6 +74,10 @@ def test_sweep_resumes_after_sigkill_and_reports(qa_gpt2_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "| LoRA r=4 |" in report and "| full |" in report and "| zero-shot |" in report
     assert "### Verdict" in report and "Conclusion:" in report and "torch " in report
+    # contains, from each run's predictions.jsonl, beside F1 and EM, and in the verdict
+    rows = [json.loads(line) for line in (first / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert results["runs"][1]["item_scores"]["test"]["contains"] == [100 * r["scores"]["contains"] for r in rows]
+    assert "| contains [95% CI] | words per answer |" in report and "- **Knows.** The answer appears" in report
     assert f"- Budget: 2 training run(s) (2 with the first seed: every configuration and grid point; 0 with the " \
            f"other seeds of the picked configurations), {trained / 60:.1f} min of training in all" in report
     for png in ("val-loss", "quality-vs-params", "cost"):
@@ -111,6 +115,65 @@ def test_verdict_follows_the_paired_intervals():
 
     flat = [_config(m, 8 if m == "lora" else None, [np.clip(difficulty - 20, 0, 100)], 1, 1) for m in ("full", "lora")]
     assert "fine-tuning is not worth it" in _verdict(zero, few, *flat)
+
+
+def _with_contains(config: Config, per_seed: list[np.ndarray], words: float) -> Config:
+    """`config` also scored by `contains` (0 or 100 per item), with a mean answer length in words per seed."""
+    for row, scores in zip(config.rows, per_seed):
+        row["item_scores"]["test"]["contains"] = list(scores)
+        row.update(eval={"answer_length": words, "inputs": len(scores), "loss": None}, empty_predictions=0)
+    return config
+
+
+def test_knows_follows_the_paired_contains_intervals():
+    """Simulated: the untuned model says the answer in sentences (contains 60%), 3-shot less often (40%); full
+    fine-tuning keeps what the model knew, LoRA loses a third of it. The sentence compares both with zero-shot,
+    the baseline that says the answer most often, through the paired intervals."""
+    rng = np.random.default_rng(1)
+    n, f1 = 400, np.full(400, 10.0)
+    knew = rng.random(n) < 0.6  # the items the base model can answer
+    said = lambda mask: np.where(mask, 100.0, 0.0)
+    zero = _with_contains(_config("zero-shot", None, [f1], 0, 0), [said(knew)], 14.0)
+    few = _with_contains(_config("k-shot", None, [f1], 0, 0), [said(knew & (rng.random(n) < 0.67))], 6.0)
+    swapped = knew.copy()  # the second seed forgets 10 answers and finds 10 others: no change on average
+    swapped[np.flatnonzero(knew)[:10]], swapped[np.flatnonzero(~knew)[:10]] = False, True
+    kept = [said(knew), said(swapped)]
+    lost = [said(knew & (rng.random(n) < 0.6)) for _ in range(2)]
+    full = _with_contains(_config("full", None, [f1, f1], 135_000_000, 540_000_000), kept, 2.0)
+    lora = _with_contains(_config("lora", 8, [f1, f1], 460_000, 1_800_000), lost, 2.5)
+    text = _verdict(zero, few, full, lora)
+    knows = next(line for line in text.splitlines() if line.startswith("- **Knows.**"))
+    assert f"in {said(knew).mean():.1f}% of the answers of zero-shot, the baseline that says it most often" in knows
+    full_change = np.mean(kept, axis=0).mean() - said(knew).mean()  # 0: indistinguishable from zero
+    lora_change = np.mean(lost, axis=0).mean() - said(knew).mean()  # about -24: clearly below
+    assert f"full changes it by {full_change:+.1f} [" in knows
+    assert f"LoRA r=8 changes it by {lora_change:+.1f} [" in knows
+    lora_part = knows.split("LoRA r=8 changes it by ")[1]
+    full_part = knows.split("full changes it by ")[1].split(";")[0]
+    assert "includes zero" in full_part and "includes zero" not in lora_part.split(".")[0]
+    assert "bounds knowledge from above" in knows
+    assert "words per answer: zero-shot 14.0, 3-shot 6.0, full 2.0, LoRA r=8 2.5" in knows
+
+    table = "\n".join(_test_table([zero, few, full, lora], "qa"))
+    assert "| F1 [95% CI] | EM [95% CI] | contains [95% CI] | words per answer |" in table
+    zero_row = next(line for line in table.splitlines() if line.startswith("| zero-shot |"))
+    assert f"| {said(knew).mean():.1f} [" in zero_row and "| 14.0 |" in zero_row
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
+
+
+def test_reports_without_contains_stay_as_they_were():
+    """A results.json from before `contains` (or an NLG sweep): no Knows sentence, "-" in the QA columns."""
+    scores = np.full(50, 40.0)
+    configs = [_config("zero-shot", None, [scores], 0, 0), _config("full", None, [scores], 10, 10),
+               _config("lora", 8, [scores], 1, 1)]
+    for c in configs:
+        for row in c.rows:
+            row.update(eval={"inputs": 50}, empty_predictions=0)
+    assert "Knows" not in _verdict(*configs)
+    table = _test_table(configs, "qa")
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert "| - | - |" in table[2]
+    assert "contains" not in "\n".join(_test_table(configs, "nlg"))
 
 
 def test_selection_reads_validation_only(tmp_path):

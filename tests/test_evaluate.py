@@ -39,6 +39,8 @@ def test_qa_metrics_match_predictions(qa_gpt2_dir, tmp_path):
     recomputed = qa_scores([r["prediction"] for r in rows], [r["references"] for r in rows])
     assert metrics["em"] == pytest.approx(recomputed["em"]) and metrics["f1"] == pytest.approx(recomputed["f1"])
     assert metrics["f1"] == pytest.approx(100 * sum(r["scores"]["f1"] for r in rows) / len(rows))
+    assert metrics["contains"] == pytest.approx(100 * sum(r["scores"]["contains"] for r in rows) / len(rows))
+    assert metrics["answer_length"] == pytest.approx(sum(len(r["prediction"].split()) for r in rows) / len(rows))
     assert metrics["loss"] > 0 and metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item())
     assert metrics["generation"]["max_new_tokens"] == 4
 
@@ -57,6 +59,51 @@ def test_an_answer_that_is_right_scores_right(qa_gpt2_dir, tmp_path, monkeypatch
     # Batches are ordered by length, so which questions got the right answer is read back from the rows.
     right = sum(r["prediction"] == truth[r["input"]] for r in rows)
     assert right == 3 and metrics["em"] == pytest.approx(50.0)
+
+
+def test_eval_writes_contains_and_answer_length(qa_gpt2_dir, tmp_path, monkeypatch):
+    """Hand-made answers through `qatune eval`'s scoring and files: metrics.json has `contains` (percent) and the
+    mean answer length (words); every predictions.jsonl row has its own `contains` (0/1) and length. The expected
+    values are written out by hand from the rule (the gold answer as whole words of the normalised answer)."""
+    cases = [  # question, gold answer and aliases, the model's answer, contains, words
+        ("capital of France?", ["Paris"], "I think it is Paris, France.", 1, 6),
+        ("French city?", ["Lyon"], "Paris or Lyon", 1, 3),
+        ("Where is the Louvre?", ["Paris"], "Parisian", 0, 1),
+        ("Which country?", ["United States of America", "the United States"], "It is the United States.", 1, 5),
+        ("Full name?", ["United States of America"], "the United States", 0, 3),
+        ("Year?", ["1990"], "in 19901", 0, 2),
+        ("How many?", ["1,000"], "About 1000.", 1, 2),
+        ("Animal?", ["The Cat"], "cat!", 1, 1),
+    ]
+    data = tmp_path / "hand.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": gold[0], "aliases": gold}) + "\n"
+                            for q, gold, _, _, _ in cases))
+    answer_of = {q: answer for q, _, answer, _, _ in cases}
+    import qatune.evaluation.measure as ev
+
+    monkeypatch.setattr(ev, "answer_questions", lambda model, tok, questions, **kw: [answer_of[q.question]
+                                                                                     for q in questions])
+    out = tmp_path / "eval"
+    metrics = evaluate(qa_gpt2_dir, data, out_dir=out, loss=False, progress=False)
+    written, rows = _read(out)
+    assert written["contains"] == metrics["contains"] == pytest.approx(100 * 5 / 8)
+    assert written["answer_length"] == pytest.approx((6 + 3 + 1 + 5 + 3 + 2 + 2 + 1) / 8)
+    assert written["em"] == pytest.approx(100 * 1 / 8)  # only "cat!": EM judges the sentences wrong
+    by_question = {r["input"]: r["scores"] for r in rows}
+    for question, _, _, contains, words in cases:
+        assert by_question[question]["contains"] == contains, question
+        assert by_question[question]["answer_length"] == words, question
+
+
+def test_demo_before_after_line_shows_contains():
+    """`make demo`'s score line: a sentence holding the answer is wrong by EM, half right by F1, right by contains."""
+    from qatune.cli.demo import _scores
+    from qatune.data.readers import QAExample
+
+    examples = [QAExample("Capital of France?", "Paris", ["Paris"]), QAExample("Capital of Italy?", "Rome", ["Rome"])]
+    # "capital is paris" vs "paris": precision 1/3, recall 1, F1 0.5; "Rome": all 1. Lengths 4 and 1 words.
+    assert _scores(["The capital is Paris.", "Rome"], examples) == \
+        "EM 50.0%, F1 75.0, contains 100.0%, 2.5 words/answer"
 
 
 def test_nlg_generates_once_per_input_with_grouped_references(qa_gpt2_dir, tmp_path):
@@ -108,4 +155,4 @@ def test_generation_metrics_keys(qa_gpt2_dir):
     model, tok = load_model(qa_gpt2_dir), load_tokenizer(qa_gpt2_dir)
     examples = load_examples(SAMPLE_DATA / "facts_test.jsonl")[:3]
     scores = generation_metrics(model, tok, examples, PromptTemplate("Question: {question}\nAnswer: {answer}"))
-    assert set(scores) == {"em", "f1"}
+    assert set(scores) == {"em", "f1", "contains", "answer_length"}

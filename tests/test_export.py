@@ -297,12 +297,14 @@ def test_model_card_is_written_parsed_and_filled_by_eval(lora_run):
     metrics = json.loads((lora_run / "eval" / "metrics.json").read_text())
     card = ModelCard.load(card_path)
     found = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert found == {"exact_match": metrics["em"], "f1": metrics["f1"], "loss": metrics["loss"],
-                     "perplexity": metrics["perplexity"]}
+    assert found == {"exact_match": metrics["em"], "f1": metrics["f1"], "contains": metrics["contains"],
+                     "loss": metrics["loss"], "perplexity": metrics["perplexity"]}
     assert card.data.eval_results[0].task_type == "question-answering"
     text = card_path.read_text()
     summary = json.loads((lora_run / "summary.json").read_text())
     assert f"| steps | {summary['steps']} |" in text and "| lora.r | 8 |" in text and "records kept" in text
+    assert f"| contains | {metrics['contains']:.6g} |" in text
+    assert f"| answer_length | {metrics['answer_length']:.6g} |" in text
 
 
 def test_model_card_names_hub_base_model_and_dataset():

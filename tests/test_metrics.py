@@ -111,19 +111,98 @@ def test_em_f1_match_official_squad_v2(prediction, answers):
     em, f1 = official_scores(prediction, answers)
     assert metrics.exact_match(prediction, answers) == em
     assert metrics.token_f1(prediction, answers) == pytest.approx(f1)
-    assert metrics.per_example_qa(prediction, answers) == pytest.approx({"em": em, "f1": f1})
+    row = metrics.per_example_qa(prediction, answers)
+    assert {k: row[k] for k in ("em", "f1")} == pytest.approx({"em": em, "f1": f1})
 
 
 def test_unanswerable_and_empty_gold_conventions():
-    assert metrics.per_example_qa("", []) == {"em": 1.0, "f1": 1.0}
-    assert metrics.per_example_qa("Paris", []) == {"em": 0.0, "f1": 0.0}
+    assert metrics.per_example_qa("", []) == {"em": 1.0, "f1": 1.0, "contains": 1.0, "answer_length": 0}
+    assert metrics.per_example_qa("Paris", []) == {"em": 0.0, "f1": 0.0, "contains": 0.0, "answer_length": 1}
     # a gold answer that normalises to "" is dropped, so "" no longer matches it
-    assert metrics.per_example_qa("", ["the", "Paris"]) == {"em": 0.0, "f1": 0.0}
+    assert metrics.per_example_qa("", ["the", "Paris"]) == {"em": 0.0, "f1": 0.0, "contains": 0.0,
+                                                            "answer_length": 0}
 
 
 def test_qa_scores_in_percent():
     scores = metrics.qa_scores(["cat", "the cat sat"], [["The cat"], ["a cat sat down"]])
-    assert scores == pytest.approx({"em": 50.0, "f1": 90.0, "n": 2})
+    # contains: "cat" in "cat" yes; "cat sat down" in "cat sat" no. Lengths 1 and 3 words.
+    assert scores == pytest.approx({"em": 50.0, "f1": 90.0, "contains": 50.0, "answer_length": 2.0, "n": 2})
+
+
+# `contains`, independently: the official normalisation, then a regular expression that finds the gold
+# text between whitespace (or the ends) of the normalised prediction; an unanswerable question (no gold
+# answer survives normalisation) is contained only in an empty prediction, as its EM is scored.
+
+
+def reference_contains(prediction, answers):
+    pred = official_normalize_answer(prediction)
+    golds = [official_normalize_answer(a) for a in answers if official_normalize_answer(a)]
+    if not golds:
+        return float(pred == "")
+    return float(any(re.search(r"(?<!\S)" + re.escape(g) + r"(?!\S)", pred) for g in golds))
+
+
+CONTAINS_CASES = [
+    # (prediction, gold answers, contains by hand)
+    ("I think it is Paris, France.", ["Paris"], 1.0),  # an answer inside a sentence
+    ("Paris or Lyon", ["Lyon"], 1.0),  # a hedge with two guesses is credited too
+    ("Paris or Lyon", ["Marseille"], 0.0),
+    ("Parisian", ["Paris"], 0.0),  # a word that merely starts with the answer is not the answer
+    ("The capital is Parisian.", ["Paris"], 0.0),
+    ("Paris-based", ["Paris"], 0.0),  # normalisation drops the hyphen: one word, "parisbased"
+    ("It is the United States.", ["United States of America", "the United States", "USA"], 1.0),
+    ("the United States", ["united states of america"], 0.0),  # a multi-word answer must appear whole
+    ("the United States of America!", ["united states of america"], 1.0),
+    ("The U.S.A., of course", ["USA"], 1.0),  # punctuation goes before matching: "usa of course"
+    ("a cat", ["The Cat."], 1.0),  # articles and punctuation go on both sides
+    ("It happened in 1990.", ["1990"], 1.0),
+    ("It happened in 19901.", ["1990"], 0.0),  # a number inside a longer number is not that number
+    ("about 1,000 people", ["1000"], 1.0),
+    ("pi is 3.14", ["3"], 0.0),  # "3.14" normalises to "314"
+    ("", []),
+    ("", ["the"]),  # gold normalising to "" is dropped: unanswerable
+    ("Paris", []),
+    ("", ["Paris"], 0.0),
+    ("Café Olé!", ["café olé"], 1.0),
+]
+
+
+@pytest.mark.parametrize("case", CONTAINS_CASES, ids=[f"{c[0]!r}-{c[1]!r}" for c in CONTAINS_CASES])
+def test_contains_against_an_independent_computation(case):
+    prediction, answers = case[0], case[1]
+    expected = reference_contains(prediction, answers)
+    if len(case) == 3:
+        assert expected == case[2], "the reference computation disagrees with the hand value"
+    assert metrics.contains_answer(prediction, answers) == expected
+    assert metrics.per_example_qa(prediction, answers)["contains"] == expected
+
+
+@pytest.mark.parametrize(("prediction", "answers"), QA_CASES)
+def test_contains_on_the_squad_cases(prediction, answers):
+    assert metrics.contains_answer(prediction, answers) == reference_contains(prediction, answers)
+    # contains is at least EM: an exact answer is contained in itself
+    assert metrics.contains_answer(prediction, answers) >= metrics.exact_match(prediction, answers)
+
+
+def test_unanswerable_contains_is_its_em():
+    for prediction in ("", "   ", "Paris", "the", "."):
+        assert metrics.contains_answer(prediction, []) == metrics.exact_match(prediction, []), prediction
+    assert metrics.contains_answer("", []) == 1.0 and metrics.contains_answer("Paris", []) == 0.0
+
+
+def test_answer_length_counts_words_of_the_raw_prediction():
+    for prediction, words in (("", 0), ("Paris", 1), ("I think it is Paris, France.", 6), ("  a\tb\nc  ", 3),
+                              ("The U.S.A., of course", 4)):
+        assert metrics.answer_length(prediction) == words == len(re.findall(r"\S+", prediction))
+
+
+def test_qa_scores_aggregate_contains_and_length():
+    predictions = ["I think it is Paris, France.", "Parisian", "Rome or Lyon", "", "1990"]
+    references = [["Paris"], ["Paris"], ["Lyon", "Lyons"], [], ["the year 1990"]]
+    scores = metrics.qa_scores(predictions, references)
+    assert scores["contains"] == pytest.approx(100 * (1 + 0 + 1 + 1 + 0) / 5)
+    assert scores["answer_length"] == pytest.approx((6 + 1 + 3 + 0 + 1) / 5)
+    assert scores["em"] == pytest.approx(100 * 1 / 5)  # only the empty answer to the unanswerable question
 
 
 def test_bad_inputs_are_refused():

@@ -62,15 +62,15 @@ def _quality(plt, configs: list[Config], results: dict[str, Any]):
 
 
 def _changes(plt, configs: list[Config], results: dict[str, Any]):
-    """Each trained configuration minus the base model, per set, with paired intervals."""
+    """Each trained configuration minus the base model, per set and score, with paired intervals."""
     base = next((c for c in configs if c.method == "zero-shot"), None)
-    sets = [("test", results["task"])] + [(s["name"], s["task"]) for s in results.get("extra_eval", [])]
+    sets = _change_scores(base, [("test", results["task"])] + [(s["name"], s["task"])
+                                                               for s in results.get("extra_eval", [])])
     trained = [c for c in configs if c.trained]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sets)), 4))
     width = 0.8 / max(len(trained), 1)
     for i, c in enumerate(trained):
-        for j, (dataset, task) in enumerate(sets):
-            key = _MAIN[task][0]
+        for j, (dataset, key, _) in enumerate(sets):
             if base is None or c.matrix(dataset, key) is None or base.matrix(dataset, key) is None:
                 continue
             d = paired_difference(c.matrix(dataset, key), base.matrix(dataset, key))
@@ -78,10 +78,20 @@ def _changes(plt, configs: list[Config], results: dict[str, Any]):
                         yerr=[[d.estimate - d.low], [d.high - d.estimate]], fmt="o", capsize=3, color=f"C{i}",
                         label=c.label if j == 0 else None)
     ax.axhline(0, color="gray", linewidth=0.8)
-    ax.set_xticks(range(len(sets)), [f"{d}\n({_MAIN[t][1]})" for d, t in sets])
+    ax.set_xticks(range(len(sets)), [f"{d}\n({name})" for d, _, name in sets])
     ax.set(ylabel="change vs base model (points)", title="Learning, generalisation, forgetting (95% paired intervals)")
     ax.legend(fontsize=8)
     return fig
+
+
+def _change_scores(base: Config | None, sets: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(set, per-item score, label): each set's main score, and on QA sets `contains` beside it where measured."""
+    scores = []
+    for dataset, task in sets:
+        scores.append((dataset, *_MAIN[task]))
+        if task == "qa" and base is not None and base.matrix(dataset, "contains") is not None:
+            scores.append((dataset, "contains", "contains"))
+    return scores
 
 
 def _cost(plt, configs: list[Config], results: dict[str, Any]):

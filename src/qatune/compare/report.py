@@ -18,6 +18,10 @@ from qatune.compare.stats import Interval, mean_interval, paired_difference
 from qatune.compare.sweep import model_label
 from qatune.utils.io import atomic_write_text
 
+# QA's per-item "the gold answer appears in the output" (evaluation.metrics.contains_answer), shown beside F1/EM:
+# it credits sentences that EM calls wrong (and hedges), so it bounds what a model knows from above.
+_CONTAINS = "contains"
+
 
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """report.md and one set of PNGs per base model in `out`; returns the report's path."""
@@ -77,18 +81,35 @@ def _test_table(configs: list[Config], task: str) -> list[str]:
     (key, name), (key2, name2) = MAIN_SCORE[task], SECOND_SCORE[task]
     base, full = _baseline(configs), _full(configs)
     few = next((c for c in configs if c.method == "k-shot"), None)
-    lines = [f"| method | seeds | {name} [95% CI] | {name2} [95% CI] | Δ{name} vs zero-shot | "
+    knows_head, knows_rule = _knows_columns(task)
+    lines = [f"| method | seeds | {name} [95% CI] | {name2} [95% CI] | {knows_head}Δ{name} vs zero-shot | "
              f"Δ{name} vs {few.label if few else 'k-shot'} | Δ{name} vs full | test loss | empty answers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"|---|---|---|---|{knows_rule}---|---|---|---|---|"]
     for c in configs:
         empty = statistics.fmean(r["empty_predictions"] for r in c.rows)
         lines.append(f"| {c.label} | {len(c.rows)} | {_cell(_mean(c, 'test', key))} | "
-                     f"{_cell(_mean(c, 'test', key2))} | "
+                     f"{_cell(_mean(c, 'test', key2))} | {_knows_cells(c, 'test', task)}"
                      f"{_cell(_diff(c, base, 'test', key), True) if c is not base else '-'} | "
                      f"{_cell(_diff(c, few, 'test', key), True) if c.trained else '-'} | "
                      f"{_cell(_diff(c, full, 'test', key), True) if c.method == 'lora' else '-'} | "
                      f"{_loss(c)} | {empty:.0f} / {c.rows[0]['eval']['inputs']} |")
     return lines
+
+
+def _knows_columns(task: str) -> tuple[str, str]:
+    """QA tables show `contains` and the answer length beside F1 and EM: header cells and their rule."""
+    return ("contains [95% CI] | words per answer | ", "---|---|") if task == "qa" else ("", "")
+
+
+def _knows_cells(c: Config, dataset: str, task: str) -> str:
+    return f"{_cell(_mean(c, dataset, _CONTAINS))} | {_num(_words(c, dataset), '.1f')} | " if task == "qa" else ""
+
+
+def _words(c: Config, dataset: str) -> float | None:
+    """Mean answer length in words over the seeds, from metrics.json; None where it was not measured."""
+    found = [(r["eval"] if dataset == "test" else r.get("extra", {}).get(dataset, {})).get("answer_length")
+             for r in c.rows]
+    return statistics.fmean(found) if found and None not in found else None
 
 
 def _loss(c: Config) -> str:
@@ -99,11 +120,13 @@ def _loss(c: Config) -> str:
 def _extra_table(configs: list[Config], spec: dict[str, Any]) -> list[str]:
     (key, name), (key2, name2) = MAIN_SCORE[spec["task"]], SECOND_SCORE[spec["task"]]
     dataset, base, full = spec["name"], _baseline(configs), _full(configs)
-    lines = [f"| method | {name} [95% CI] | {name2} [95% CI] | Δ{name} vs base model | Δ{name} vs full |",
-             "|---|---|---|---|---|"]
+    knows_head, knows_rule = _knows_columns(spec["task"])
+    lines = [f"| method | {name} [95% CI] | {name2} [95% CI] | {knows_head}Δ{name} vs base model | Δ{name} vs full |",
+             f"|---|---|---|{knows_rule}---|---|"]
     for c in (c for c in configs if c.matrix(dataset, key) is not None):
-        lines.append(f"| {c.label} | {_cell(_mean(c, dataset, key))} | {_cell(_mean(c, dataset, key2))}"
-                     f" | {_cell(_diff(c, base, dataset, key), True) if c is not base else '-'} | "
+        lines.append(f"| {c.label} | {_cell(_mean(c, dataset, key))} | {_cell(_mean(c, dataset, key2))} | "
+                     f"{_knows_cells(c, dataset, spec['task'])}"
+                     f"{_cell(_diff(c, base, dataset, key), True) if c is not base else '-'} | "
                      f"{_cell(_diff(c, full, dataset, key), True) if c.method == 'lora' else '-'} |")
     return lines
 
@@ -224,6 +247,9 @@ def verdict(configs: list[Config], results: dict[str, Any]) -> list[str]:
     key, name = MAIN_SCORE[results["task"]]
     learns = _learns_sentence(full, lora, base, few, key, name)
     lines = [f"- **Learns.** {learns}"]
+    knows = _knows_sentence(configs, full, lora) if results["task"] == "qa" else None
+    if knows is not None:
+        lines.append(f"- **Knows.** {knows}")
     for spec in results.get("extra_eval", []):
         lines.append(f"- **{'Forgets' if spec['task'] == 'mc' else 'Generalises'} ({spec['name']}).** "
                      + _versus_base_sentence(full, lora, base, spec))
@@ -258,6 +284,27 @@ def _learns_sentence(full, lora, base, few, key, name) -> str:
                  f" Neither fine-tuned model beats the {few.label} baseline "
                  f"({few.matrix('test', key).mean():.1f} {name}) beyond the noise.")
     return text
+
+
+def _knows_sentence(configs: list[Config], full: Config | None, lora: Config | None) -> str | None:
+    """How often the answer appears in the output, fine-tuned against the baseline that says it most often (the
+    harder comparison): EM rewards answering in the training data's short form, `contains` asks whether the model
+    said the answer at all, which is what a gain in knowledge has to show."""
+    baselines = [c for c in configs if not c.trained and c.matrix("test", _CONTAINS) is not None]
+    tuned = [c for c in (full, lora) if c is not None and c.matrix("test", _CONTAINS) is not None]
+    if not baselines or not tuned:
+        return None  # an evaluation from before `contains` existed
+    best = max(baselines, key=lambda c: c.matrix("test", _CONTAINS).mean())
+    parts = []
+    for c in tuned:
+        change = _diff(c, best, "test", _CONTAINS)
+        parts.append(f"{c.label} changes it by {change.format(signed=True)} points"
+                     + ("" if change.excludes_zero else " (an interval that includes zero)"))
+    words = ", ".join(f"{c.label} {w:.1f}" for c in (*baselines, *tuned) if (w := _words(c, "test")) is not None)
+    return (f"The answer appears in the output (`contains`) in {best.matrix('test', _CONTAINS).mean():.1f}% of the "
+            f"answers of {best.label}, the baseline that says it most often; against it, " + "; ".join(parts)
+            + ". `contains` also credits a hedge that lists several guesses, so it bounds knowledge from above"
+            + (f" (words per answer: {words})." if words else "."))
 
 
 def _versus_base_sentence(full, lora, base, spec) -> str:

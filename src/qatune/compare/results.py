@@ -19,7 +19,7 @@ from qatune.utils.env import machine_info
 
 _SUMMARY_KEYS = ("trainable_params", "total_params", "trainable_percent", "peak_memory_bytes", "wall_time_s",
                  "tokens_per_s", "best_val_loss", "steps", "early_stopped")
-_ITEM_KEYS = {"qa": ("f1", "em"), "nlg": ("bleu", "rouge_l"), "mc": ("acc", "acc_norm")}
+_ITEM_KEYS = {"qa": ("f1", "em", "contains"), "nlg": ("bleu", "rouge_l"), "mc": ("acc", "acc_norm")}
 
 
 def selection_value(run_dir: Path, metric: str) -> float | None:
@@ -96,13 +96,15 @@ def _candidate_row(sweep: Sweep, out: Path, run: Run, picked: bool) -> dict[str,
 
 
 def _item_scores(eval_dir: Path, task: str) -> dict[str, list[float]]:
-    """Per-item scores in points (0-100) in the data's order, for the paired statistics: QA F1/EM, sentence
-    BLEU/ROUGE-L, or multiple-choice correctness (acc, acc_norm)."""
+    """Per-item scores in points (0-100) in the data's order, for the paired statistics: QA F1/EM/contains,
+    sentence BLEU/ROUGE-L, or multiple-choice correctness (acc, acc_norm). An evaluation made before `contains`
+    existed has none; the report shows "-" for it."""
     rows = _predictions(eval_dir)
     if task == "mc":
         return {"acc": [100.0 * r["correct_acc"] for r in rows], "acc_norm": [100.0 * r["correct_norm"] for r in rows]}
     scale = 1.0 if task == "nlg" else 100.0
-    return {key: [scale * (r["scores"][key] or 0.0) for r in rows] for key in _ITEM_KEYS[task]}
+    return {key: [scale * (r["scores"][key] or 0.0) for r in rows] for key in _ITEM_KEYS[task]
+            if all(key in r["scores"] for r in rows)}
 
 
 def _predictions(eval_dir: Path) -> list[dict[str, Any]]:

@@ -1,12 +1,15 @@
 """Evaluation metrics: SQuAD EM/F1 for extractive-style QA, and the E2E NLG metric suite for generation.
 
-Scales: `exact_match`, `token_f1` and `per_example_qa` are in [0, 1] (one example); `qa_scores`, `bleu`,
-`rouge_l` and `meteor` are percentages (0-100); `nist` and `cider` keep their native scales (NIST about
-0-15, CIDEr-D 0-10), as the E2E challenge reports them.
+Scales: `exact_match`, `token_f1`, `contains_answer` and `per_example_qa` are in [0, 1] (one example);
+`qa_scores`, `bleu`, `rouge_l` and `meteor` are percentages (0-100); `answer_length` counts words; `nist`
+and `cider` keep their native scales (NIST about 0-15, CIDEr-D 0-10), as the E2E challenge reports them.
 
 QA follows the official SQuAD v2.0 evaluation script: its answer normalisation, max over the gold
 answers, gold answers that normalise to "" are dropped, and a question with no gold answer is scored
-against "" (so an empty prediction is right for an unanswerable question).
+against "" (so an empty prediction is right for an unanswerable question). Beside EM and F1, `contains`
+(does the answer appear in the prediction, `contains_answer`) and the prediction's length in words
+(`answer_length`): EM judges a model that answers in sentences as wrong, `contains` judges it by whether
+it said the answer at all, and the length tells which of the two a model's answers need.
 
 Generation numbers are close to, but not the same as, the official E2E script's: that script runs
 mteval-v13a (Perl) for BLEU and NIST and the MS-COCO caption code (Java PTB tokenizer, Java METEOR 1.5)
@@ -97,19 +100,55 @@ def token_f1(prediction: str, references: Sequence[str]) -> float:
     return max(_f1_one(prediction, ref) for ref in _gold_answers(references))
 
 
+def _contains_one(prediction_tokens: list[str], reference_tokens: list[str]) -> bool:
+    """Whether the reference's tokens occur as one contiguous run in the prediction's tokens; the empty
+    reference (an unanswerable question) only in the empty prediction, as EM has it."""
+    if not reference_tokens:
+        return not prediction_tokens
+    width = len(reference_tokens)
+    return any(prediction_tokens[i : i + width] == reference_tokens
+               for i in range(len(prediction_tokens) - width + 1))
+
+
+def contains_answer(prediction: str, references: Sequence[str]) -> float:
+    """1.0 if a gold answer appears as whole words in the prediction (both SQuAD-normalised), else 0.0.
+
+    The normalised gold answer must be a contiguous run of the normalised prediction's words, so "I think it
+    is Paris, France." contains "Paris" but "Parisian" does not (nor does "Paris-based": normalisation drops
+    the hyphen and leaves one word). Max over the aliases, as EM. An unanswerable question (no gold answer)
+    is scored as EM scores it: only an empty prediction contains "nothing"; otherwise the empty answer
+    would be inside every prediction.
+
+    It credits a right answer inside a sentence, which EM calls wrong, and equally a hedge that lists
+    several guesses ("Paris or Lyon"): it measures whether the model *said* the answer, so it bounds what
+    the model knows from above, as EM bounds it from below. Read it with `answer_length`.
+    """
+    prediction_tokens = normalize_answer(prediction).split()
+    return float(any(_contains_one(prediction_tokens, normalize_answer(ref).split())
+                     for ref in _gold_answers(references)))
+
+
+def answer_length(prediction: str) -> int:
+    """The prediction's length in words (whitespace-separated, before normalisation)."""
+    return len(prediction.split())
+
+
 def per_example_qa(prediction: str, references: Sequence[str]) -> dict[str, float]:
-    """EM and F1 of one prediction, in [0, 1], for a predictions.jsonl row."""
-    return {"em": exact_match(prediction, references), "f1": token_f1(prediction, references)}
+    """EM, F1 and contains of one prediction, in [0, 1], and its length in words, for a predictions.jsonl row."""
+    return {"em": exact_match(prediction, references), "f1": token_f1(prediction, references),
+            "contains": contains_answer(prediction, references), "answer_length": answer_length(prediction)}
 
 
 def qa_scores(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> dict[str, Any]:
-    """Mean EM and F1 over a dataset, in percent, with the example count."""
+    """Mean EM, F1 and contains over a dataset, in percent, the mean answer length in words, and the count."""
     _check_aligned(predictions, references_list)
     rows = [per_example_qa(pred, refs) for pred, refs in zip(predictions, references_list)]
     n = len(rows)
     return {
         "em": 100.0 * sum(row["em"] for row in rows) / n,
         "f1": 100.0 * sum(row["f1"] for row in rows) / n,
+        "contains": 100.0 * sum(row["contains"] for row in rows) / n,
+        "answer_length": sum(row["answer_length"] for row in rows) / n,
         "n": n,
     }
 

@@ -29,7 +29,8 @@ _BASE_NOTES = {"smollm2-135m": "The base weights were the Q4_1 GGUF build of Smo
                                "nearly, not exactly, the same."}
 # metrics.json keys reported in model-index: (model-index metric type, display name)
 _METRICS = {
-    "em": ("exact_match", "Exact match"), "f1": ("f1", "F1"), "bleu": ("bleu", "BLEU"),
+    "em": ("exact_match", "Exact match"), "f1": ("f1", "F1"), "contains": ("contains", "Contains the answer"),
+    "bleu": ("bleu", "BLEU"),
     "rouge_l": ("rouge", "ROUGE-L"), "nist": ("nist", "NIST"), "meteor": ("meteor", "METEOR"),
     "cider": ("cider", "CIDEr"), "loss": ("loss", "Answer loss"), "perplexity": ("perplexity", "Perplexity"),
 }
@@ -175,7 +176,7 @@ def _results(summary: dict[str, Any] | None, metrics: dict[str, Any] | None) -> 
         text += "Training (summary.json):\n\n" + _table([(k, summary.get(k)) for k in keys if k in summary])
     if metrics:
         keys = ("task", "data", "examples", "loss", "perplexity", *(k for k in _METRICS if k not in
-                                                                      ("loss", "perplexity")))
+                                                                      ("loss", "perplexity")), "answer_length")
         text += "\nEvaluation (`qatune eval`, eval/metrics.json):\n\n" + _table(
             [(k, metrics.get(k)) for k in keys if metrics.get(k) is not None])
     else:
