@@ -10,7 +10,6 @@ import argparse
 import errno
 import json
 import sys
-from pathlib import Path
 
 from qatune.bench.runner import bench_command
 from qatune.cli.demo import run_demo
@@ -29,6 +28,7 @@ from qatune.lora.adapters import load_adapter
 from qatune.models.download import download
 from qatune.models.loading import load_model
 from qatune.models.tokenizer import load_tokenizer
+from qatune.runs.layout import RunDir
 from qatune.training.config import load_config
 from qatune.training.recipe import train_model
 
@@ -65,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.out is None and not (Path(args.source) / "config.yaml").is_file():
+    if args.out is None and not RunDir(args.source).config.is_file():
         raise ConfigError(f"{args.source} is not a run directory: pass --out DIR for the results")
     if args.task == "mc":  # multiple choice: no generation, no prompt template (the query is the prompt)
         metrics = evaluate_multiple_choice(args.source, args.data, out_dir=args.out, max_examples=args.max_examples,

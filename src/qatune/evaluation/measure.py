@@ -14,7 +14,6 @@ scores), so that every number in `metrics.json` can be recomputed from `predicti
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -35,8 +34,8 @@ from qatune.generation.answer import answer_questions
 from qatune.generation.decode import GenerationConfig
 from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.models.decoder import Decoder
+from qatune.runs.layout import EvalDir, RunDir
 from qatune.utils.console import ProgressBar
-from qatune.utils.io import atomic_write_text
 
 TASKS = ("auto", "qa", "nlg")
 _DEFAULT_MAX_LENGTH = 512  # the training default (RunConfig.data.max_length)
@@ -110,9 +109,9 @@ def evaluate(
         "generation": dataclasses.asdict(generation),
         "eval_time_s": time.perf_counter() - start,
     }
-    out = Path(out_dir) if out_dir is not None else (Path(source) / "eval" if run else None)
+    out = EvalDir(Path(out_dir)) if out_dir is not None else (RunDir(source).eval if run else None)
     if out is not None:
-        _write(out, metrics, rows)
+        out.write(metrics, rows)
     if run is not None:  # a run's model card shows its RUN/eval/metrics.json figures
         write_model_card(source)
     return metrics
@@ -198,10 +197,3 @@ def _score(task: str, inputs: list[QAExample], predictions: list[str]) -> tuple[
         rows.append({"input": ex.question, "prediction": pred, "references": refs, "scores": own})
     scores = generation_scores(predictions, references) if task == "nlg" else qa_scores(predictions, references)
     return rows, scores
-
-
-def _write(out: Path, metrics: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """predictions.jsonl, then metrics.json, each written atomically: metrics.json exists only when complete
-    (the sweep in `compare` treats its presence as "this evaluation is done")."""
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

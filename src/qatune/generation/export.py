@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-
 from qatune.errors import ModelError
 from qatune.generation.runs import load_for_inference
 from qatune.lora.inject import merged_state_dict
 from qatune.models.gguf_writer import GGUF_TYPES, write_gguf
+from qatune.runs.layout import RunDir
 
 
 def export_gguf(source: str | os.PathLike, out_path: str | os.PathLike, *, out_type: str = "f16",
@@ -31,8 +30,7 @@ def export_gguf(source: str | os.PathLike, out_path: str | os.PathLike, *, out_t
 
 def _names(source: Path) -> tuple[str, str | None]:
     """`general.name` and the base model: a run is named after its directory and names its base model."""
-    config = source / "config.yaml"
-    if config.is_file():
-        run = yaml.safe_load(config.read_text()) or {}
+    run = RunDir(source).read_config()
+    if run is not None:
         return source.resolve().name, str(run.get("model")) if run.get("model") else None
     return source.stem if source.suffix == ".gguf" else source.name, None

@@ -1,4 +1,5 @@
-"""The parts a training run is built from: device, seeds, data (examples -> features) and the model to train."""
+"""The parts a training run is built from: device, seeds, data (examples -> features), the model to train, and
+`data.max_length` as the model's positions allow."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from qatune.models.loading import load_model, parse_dtype
 from qatune.training.config import DataSection, RunConfig
 from qatune.training.hf_backend import HFCausalLM, apply_peft_lora, load_hf_model
 from qatune.training.parallel import Dist
+
+DEFAULT_MAX_LENGTH = 512
 
 
 def pick_device(name: str, d: Dist) -> torch.device:
@@ -84,6 +87,26 @@ def prepare_data(d: DataSection, tokenizer: Any, seed: int) -> TrainingData:
     train = encode_dataset(tokenizer, train_ex, style, d.max_length, d.answer_only, report)
     val = encode_dataset(tokenizer, val_ex, style, d.max_length, d.answer_only, report)
     return TrainingData(train, val, val_ex, style, report, tokenizer.pad_token_id)
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence the model has positions for (native `Decoder` or a transformers model)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "max_positions"):
+        return config.max_positions
+    hf = getattr(getattr(model, "model", None), "config", None)
+    return getattr(hf, "n_positions", None) or getattr(hf, "max_position_embeddings", None)
+
+
+def resolve_max_length(max_length: int | None, limit: int | None) -> int:
+    """`data.max_length`: 512 by default (the model's position limit when lower); an explicit value above the
+    limit is refused, naming both (rows that long would index positions the model does not have)."""
+    if max_length is None:
+        return min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"data.max_length={max_length} is above the model's position limit of {limit} tokens; "
+                          f"use data.max_length={limit} or less")
+    return max_length
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
