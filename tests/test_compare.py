@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from qatune.compare.configs import Config
 from qatune.compare.report import verdict
+from qatune.compare.rows import ReportRow
 from qatune.compare.run import select
 from qatune.compare.sweep import load_sweep
 from qatune.errors import QatuneError
@@ -81,14 +81,14 @@ def test_sweep_resumes_after_sigkill_and_reports(qa_gpt2_dir, tmp_path):
         assert f"]({name})" in report and (out / name).stat().st_size > 1000
 
 
-def _config(method: str, rank: int | None, per_seed: list[np.ndarray], params: int, size: int) -> Config:
+def _config(method: str, rank: int | None, per_seed: list[np.ndarray], params: int, size: int) -> ReportRow:
     rows = [{"item_scores": {"test": {"f1": list(scores)}}, "trainable_params": params, "trainable_percent":
              100 * params / 135e6, "result_bytes": size, "peak_memory_bytes": 2e9 if method == "full" else 1e9,
              "wall_time_s": 100.0, "point": {}} for scores in per_seed]
-    return Config(method, rank, rows, shots=3 if method == "k-shot" else 0)
+    return ReportRow(method, rank, rows, shots=3 if method == "k-shot" else 0)
 
 
-def _verdict(*configs: Config) -> str:
+def _verdict(*configs: ReportRow) -> str:
     return "\n".join(verdict(list(configs), {"task": "qa", "extra_eval": []}))
 
 

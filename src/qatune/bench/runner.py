@@ -302,7 +302,7 @@ def print_table(report: dict[str, Any], console) -> None:
 
 
 def bench_command(args) -> int:
-    """`qatune bench ...` (arguments defined in cli.py)."""
+    """`qatune bench ...` (arguments defined in cli/parser.py)."""
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
     cfg = BenchConfig(shapes=split(args.shapes), methods=split(args.methods), backends=split(args.backends),

@@ -1,4 +1,5 @@
-"""The `qatune` command line (`commands.py`, arguments in `parser.py`) and the demo (`demo.py`)."""
+"""The `qatune` command line (`commands.py`, arguments in `parser.py`), `qatune download` (`download.py`) and the
+demo (`demo.py`)."""
 
 from qatune.cli.commands import main
 

@@ -13,8 +13,8 @@ import sys
 
 from qatune.bench.runner import bench_command
 from qatune.cli.demo import run_demo
+from qatune.cli.download import download
 from qatune.cli.parser import build_parser, generation_config
-from qatune.cli.push import push_run
 from qatune.compare.run import run_sweep
 from qatune.data.prompts import DEFAULT_TEMPLATE, draw_shots, make_prompt_format
 from qatune.data.readers import load_examples
@@ -22,12 +22,13 @@ from qatune.errors import ConfigError, QatuneError
 from qatune.evaluation.measure import evaluate
 from qatune.evaluation.multiple_choice import evaluate_multiple_choice
 from qatune.generation.answer import answer_questions
-from qatune.generation.export import export_gguf
-from qatune.generation.runs import load_for_inference, merge_run, run_data_section
+from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.lora.adapters import load_adapter
-from qatune.models.download import download
 from qatune.models.loading import load_model
 from qatune.models.tokenizer import load_tokenizer
+from qatune.publish.gguf import export_gguf
+from qatune.publish.merge import merge_run
+from qatune.publish.push import push_run
 from qatune.runs.layout import RunDir
 from qatune.training.config import load_config
 from qatune.training.recipe import train_model

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 
+from qatune.cli.download import download
 from qatune.data.prompts import make_prompt_format
 from qatune.data.readers import SAMPLE_DATA, load_examples
 from qatune.evaluation.metrics import exact_match, token_f1
 from qatune.generation.answer import answer_questions
 from qatune.generation.runs import load_for_inference
-from qatune.models.download import download
 from qatune.models.loading import load_model
 from qatune.models.tokenizer import load_tokenizer
 from qatune.training.config import load_config

@@ -12,8 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from qatune.compare.configs import MAIN_SCORE, SECOND_SCORE, Config, group
 from qatune.compare.plots import draw_plots
+from qatune.compare.rows import MAIN_SCORE, SECOND_SCORE, ReportRow, group
 from qatune.compare.stats import Interval, mean_interval, paired_difference
 from qatune.compare.sweep import model_label
 from qatune.utils.io import atomic_write_text
@@ -43,28 +43,28 @@ def _axis(spec: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- tables
 
 
-def _baseline(configs: list[Config]) -> Config | None:
+def _baseline(configs: list[ReportRow]) -> ReportRow | None:
     return next((c for c in configs if c.method == "zero-shot"), None)
 
 
-def _full(configs: list[Config]) -> Config | None:
+def _full(configs: list[ReportRow]) -> ReportRow | None:
     return next((c for c in configs if c.method == "full"), None)
 
 
-def _lora(configs: list[Config]) -> Config | None:
+def _lora(configs: list[ReportRow]) -> ReportRow | None:
     """The LoRA configuration the verdict speaks for: the one with the most seeds (the main rank), then the
     best validation loss; never chosen by a test score."""
     loras = [c for c in configs if c.method == "lora"]
     return min(loras, key=lambda c: (-len(c.rows), c.mean("best_val_loss") or 0.0), default=None)
 
 
-def _diff(a: Config | None, b: Config | None, dataset: str, key: str) -> Interval | None:
+def _diff(a: ReportRow | None, b: ReportRow | None, dataset: str, key: str) -> Interval | None:
     if a is None or b is None or a.matrix(dataset, key) is None or b.matrix(dataset, key) is None:
         return None
     return paired_difference(a.matrix(dataset, key), b.matrix(dataset, key))
 
 
-def _mean(c: Config, dataset: str, key: str) -> Interval | None:
+def _mean(c: ReportRow, dataset: str, key: str) -> Interval | None:
     m = c.matrix(dataset, key)
     return mean_interval(m) if m is not None else None
 
@@ -73,7 +73,7 @@ def _cell(interval: Interval | None, signed: bool = False) -> str:
     return interval.format(signed=signed) if interval is not None else "-"
 
 
-def _test_table(configs: list[Config], task: str) -> list[str]:
+def _test_table(configs: list[ReportRow], task: str) -> list[str]:
     (key, name), (key2, name2) = MAIN_SCORE[task], SECOND_SCORE[task]
     base, full = _baseline(configs), _full(configs)
     few = next((c for c in configs if c.method == "k-shot"), None)
@@ -91,12 +91,12 @@ def _test_table(configs: list[Config], task: str) -> list[str]:
     return lines
 
 
-def _loss(c: Config) -> str:
+def _loss(c: ReportRow) -> str:
     losses = [r["eval"].get("loss") for r in c.rows if r["eval"].get("loss") is not None]
     return f"{statistics.fmean(losses):.3f}" if losses else "-"
 
 
-def _extra_table(configs: list[Config], spec: dict[str, Any]) -> list[str]:
+def _extra_table(configs: list[ReportRow], spec: dict[str, Any]) -> list[str]:
     (key, name), (key2, name2) = MAIN_SCORE[spec["task"]], SECOND_SCORE[spec["task"]]
     dataset, base, full = spec["name"], _baseline(configs), _full(configs)
     lines = [f"| method | {name} [95% CI] | {name2} [95% CI] | Δ{name} vs base model | Δ{name} vs full |",
@@ -108,7 +108,7 @@ def _extra_table(configs: list[Config], spec: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _cost_table(configs: list[Config]) -> list[str]:
+def _cost_table(configs: list[ReportRow]) -> list[str]:
     lines = ["| method | trainable params | % | result size | peak memory | train time | tokens/s | best val loss |",
              "|---|---|---|---|---|---|---|---|"]
     for c in (c for c in configs if c.trained):
@@ -119,7 +119,7 @@ def _cost_table(configs: list[Config]) -> list[str]:
     return lines
 
 
-def _setup_table(configs: list[Config]) -> list[str]:
+def _setup_table(configs: list[ReportRow]) -> list[str]:
     """The resolved recipe of each trained configuration (its picked grid point included)."""
     lines = ["| method | picked | epochs | steps run | batch | lr | schedule | warm-up | max length | LoRA |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -217,7 +217,7 @@ def _short(path: Any) -> str:
 # --------------------------------------------------------------------------------------------- verdict
 
 
-def verdict(configs: list[Config], results: dict[str, Any]) -> list[str]:
+def verdict(configs: list[ReportRow], results: dict[str, Any]) -> list[str]:
     """One sentence per axis, then the conclusion, each computed from the paired intervals."""
     full, lora, base = _full(configs), _lora(configs), _baseline(configs)
     few = next((c for c in configs if c.method == "k-shot"), None)
@@ -274,7 +274,7 @@ def _versus_base_sentence(full, lora, base, spec) -> str:
     return text
 
 
-def _costs(lora: Config, full: Config) -> str:
+def _costs(lora: ReportRow, full: ReportRow) -> str:
     def ratio(field_name: str) -> float:
         return (lora.mean(field_name) or 0) / max(full.mean(field_name) or 1, 1e-9)
 

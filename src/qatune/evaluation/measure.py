@@ -29,11 +29,11 @@ from qatune.data.readers import DataReport, QAExample, group_references, load_ex
 from qatune.errors import ConfigError, DataError
 from qatune.evaluation.loss import evaluate_loss
 from qatune.evaluation.metrics import bleu, generation_scores, per_example_qa, qa_scores, rouge_l
-from qatune.evaluation.model_card import write_model_card
 from qatune.generation.answer import answer_questions
 from qatune.generation.decode import GenerationConfig
 from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.models.decoder import Decoder
+from qatune.publish.model_card import write_model_card
 from qatune.runs.layout import EvalDir, RunDir
 from qatune.utils.console import ProgressBar
 

@@ -1,4 +1,4 @@
-"""A model or a qatune run directory, loaded for use: answering, evaluating, merging.
+"""A model or a qatune run directory, loaded for use: answering, evaluating, merging, exporting.
 
 A run directory is what `qatune train` writes: `config.yaml` naming the base model, and the result in
 `adapter/` (LoRA, peft format) or `model/` (full fine-tuning, a Hugging Face checkpoint).
@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from qatune.errors import ModelError
-from qatune.lora.adapters import ADAPTER_CONFIG, load_adapter, save_merged
+from qatune.lora.adapters import ADAPTER_CONFIG, load_adapter
 from qatune.models.decoder import Decoder
 from qatune.models.loading import load_model
 from qatune.models.tokenizer import has_tokenizer, load_tokenizer
@@ -44,13 +44,3 @@ def run_data_section(source: str | os.PathLike) -> dict | None:
     using a run must not fail because it was trained by a qatune that knows other config keys."""
     run = RunDir(source).read_config()
     return run.get("data", {}) if run is not None else None
-
-
-def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """`qatune merge RUN OUT`: a LoRA run directory (`RUN/config.yaml` naming the base model, `RUN/adapter`)
-    -> a standalone Hugging Face checkpoint in OUT, tokenizer included."""
-    run = RunDir(run_dir)
-    if not (run.adapter / ADAPTER_CONFIG).is_file() or not run.config.is_file():
-        raise ModelError(f"{run} is not a LoRA run directory: expected config.yaml and adapter/{ADAPTER_CONFIG}")
-    model, tokenizer = load_for_inference(run.path)
-    return save_merged(model, tokenizer, out_dir)

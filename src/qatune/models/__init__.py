@@ -1,8 +1,8 @@
 """The native decoder and everything needed to get one: configs, weights, loading (dirs, hub, GGUF), tokenizers.
 
 `decoder.py` is the model (the reference path), `fast_ops.py` its faster kernels, `weights.py` the Hugging
-Face name and layout tables, `loading.py` `load_model`, `gguf_reader.py` GGUF files, `tokenizer.py`
-`load_tokenizer`, `download.py` `qatune download`.
+Face name and layout tables, `loading.py` `load_model` (and where an installed SmolLM2 GGUF is), `gguf_reader.py`
+GGUF files, `tokenizer.py` `load_tokenizer`, `saving.py` a standalone Hugging Face checkpoint.
 """
 
 from qatune.models.config import ModelConfig, from_hf_config

@@ -43,10 +43,10 @@ from qatune.data.batching import collate_plan, count_tokens, plan_batches, to_de
 from qatune.errors import ConfigError, ModelError, TrainingError
 from qatune.evaluation.loss import evaluate_loss
 from qatune.evaluation.measure import generation_metrics, resolve_task
-from qatune.evaluation.model_card import write_model_card
 from qatune.lora.inject import count_parameters, format_parameter_count
 from qatune.models.loading import build_model as assemble_model
 from qatune.models.tokenizer import load_tokenizer
+from qatune.publish.model_card import write_model_card
 from qatune.runs.layout import RunDir
 from qatune.training import checkpoint as ckpt
 from qatune.training.build import (

@@ -1,5 +1,6 @@
 """`qatune export RUN_OR_MODEL OUT.gguf`: a run (LoRA merged first, or a full fine-tuning result) or a plain model
-as one GGUF file that llama.cpp, Ollama and LM Studio run (`models.gguf_writer` writes it)."""
+as one GGUF file that llama.cpp, Ollama and LM Studio run (`gguf_writer.py` writes it, `gguf_vocab.py` its
+tokenizer)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from qatune.errors import ModelError
 from qatune.generation.runs import load_for_inference
 from qatune.lora.inject import merged_state_dict
-from qatune.models.gguf_writer import GGUF_TYPES, write_gguf
+from qatune.publish.gguf_writer import GGUF_TYPES, write_gguf
 from qatune.runs.layout import RunDir
 
 

@@ -12,7 +12,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from qatune.errors import ConfigError, ModelError
-from qatune.evaluation.model_card import write_model_card
+from qatune.publish.model_card import write_model_card
 from qatune.runs.layout import RunDir
 
 
