@@ -54,3 +54,20 @@ def test_no_function_in_training_is_longer_than_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert long == []
+
+
+def _public_definitions() -> dict[str, list[str]]:
+    """Each public top-level function or class name of src/qatune -> the modules that define it (a re-export by
+    import is no definition)."""
+    defined: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "src" / "qatune").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            public = not node.name.startswith("_") if hasattr(node, "name") else False
+            if public and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.setdefault(node.name, []).append(str(path.relative_to(ROOT / "src")))
+    return defined
+
+
+def test_no_public_name_is_defined_in_two_modules():
+    """A name says one thing: `load_model` is qatune's public loader, not also the base-model loader."""
+    assert {name: where for name, where in _public_definitions().items() if len(where) > 1} == {}

@@ -24,7 +24,7 @@ from qatune.evaluation.multiple_choice import evaluate_multiple_choice
 from qatune.generation.answer import answer_questions
 from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.lora.adapters import load_adapter
-from qatune.models.loading import load_model
+from qatune.models.loading import load_base_model
 from qatune.models.tokenizer import load_tokenizer
 from qatune.publish.gguf import export_gguf
 from qatune.publish.merge import merge_run
@@ -91,7 +91,7 @@ def _ask(args: argparse.Namespace) -> int:
     if not question:  # refused before a model is loaded
         raise ConfigError("the question is empty")
     if args.adapter:
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_base_model(args.model, dtype=args.dtype, device=args.device)
         load_adapter(model, args.adapter)
         tokenizer = load_tokenizer(args.model)
     else:

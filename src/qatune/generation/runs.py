@@ -9,12 +9,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from qatune.errors import ModelError
 from qatune.lora.adapters import ADAPTER_CONFIG, load_adapter
 from qatune.models.decoder import Decoder
-from qatune.models.loading import load_model
+from qatune.models.loading import load_base_model
 from qatune.models.tokenizer import has_tokenizer, load_tokenizer
 from qatune.runs.layout import RunDir
+
+
+def load_model(source: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+               dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> Decoder:
+    """`qatune.load_model`: a native `Decoder` (`forward(input_ids) -> logits [batch, seq, vocab]`), in eval mode.
+
+    `source`: a local Hugging Face directory, a hub id (`gpt2`), a `.gguf` file, or `smollm2-135m`.
+    `adapter`: a LoRA adapter directory in peft's format (saved by qatune or by peft), applied on top.
+    `dtype`: e.g. `torch.bfloat16` or "bf16"; default float32. `device`: default "cpu"."""
+    model = load_base_model(source, dtype=dtype, device=device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model
 
 
 def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, tokenizer: str | None = None
@@ -26,7 +41,7 @@ def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, to
         if result == run_dir.model:
             return load_for_inference(result, dtype=dtype, device=device, tokenizer=tokenizer)
         run = run_dir.read_config()
-        model = load_model(run["model"], dtype=dtype, device=device)
+        model = load_base_model(run["model"], dtype=dtype, device=device)
         load_adapter(model, result)
         tok_source = tokenizer or (result if has_tokenizer(result) else run.get("tokenizer") or run["model"])
         return model, load_tokenizer(tok_source)
@@ -35,7 +50,7 @@ def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, to
     if run_dir.config.is_file() and not (p / "config.json").is_file():
         raise ModelError(f"{p} is a qatune run without a result (no adapter/ or model/ yet): its training has not "
                          f"finished; continue it with `qatune train ... out={p} resume=true`")
-    model = load_model(source, dtype=dtype, device=device)
+    model = load_base_model(source, dtype=dtype, device=device)
     return model, load_tokenizer(tokenizer or source)
 
 

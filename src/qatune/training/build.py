@@ -16,7 +16,7 @@ from qatune.data.prompts import PromptFormat, make_prompt_format
 from qatune.data.readers import DataReport, QAExample, load_examples, split_train_val
 from qatune.errors import ConfigError, DataError
 from qatune.lora.inject import apply_lora
-from qatune.models.loading import load_model, parse_dtype
+from qatune.models.loading import load_base_model, parse_dtype
 from qatune.training.config import DataSection, RunConfig
 from qatune.training.hf_backend import HFCausalLM, apply_peft_lora, load_hf_model
 from qatune.training.parallel import Dist
@@ -109,7 +109,7 @@ def resolve_max_length(max_length: int | None, limit: int | None) -> int:
     return max_length
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
+def build_trainable_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     """The model to train, exposing `loss(batch, reduction)`: the native Decoder (+ LoRA), or transformers
     (+ peft) for `backend=hf`."""
     t = cfg.train
@@ -117,7 +117,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     if cfg.backend == "hf":
         model = load_hf_model(cfg.model, base_dtype or torch.float32, device)
         return HFCausalLM(apply_peft_lora(model, cfg.lora) if cfg.method == "lora" else model)
-    model = load_model(cfg.model, dtype=base_dtype, device=device, fast_path=t.fast_path)
+    model = load_base_model(cfg.model, dtype=base_dtype, device=device, fast_path=t.fast_path)
     if cfg.method == "lora":
         apply_lora(model, cfg.lora)
         for p in model.parameters():  # LoRA weights and their optimizer state stay fp32 under a low-precision base

@@ -6,7 +6,7 @@
     run_epoch        the epoch's batch plan, one optimizer step after another
     train_step       one optimizer step: micro-batches (accumulate, all ranks) -> clip -> step; a non-finite
                      loss or gradient stops the run before the step (divergence)
-    evaluate         validation loss (and generated answers), best tracking, early stopping, checkpoint
+    validate         validation loss (and generated answers), best tracking, early stopping, checkpoint
     save_checkpoint  trainable weights, optimizer, scheduler, scaler, RNG states and the `TrainState`
     finish           best weights -> result (peft adapter or Hugging Face model) + summary.json
 
@@ -52,7 +52,7 @@ from qatune.training import checkpoint as ckpt
 from qatune.training.build import (
     LossModule,
     TrainingData,
-    build_model,
+    build_trainable_model,
     pick_device,
     position_limit,
     prepare_data,
@@ -154,7 +154,7 @@ def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
     say = console_printer(d.main)
     seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    model = build_model(cfg, device)  # before the data: its position limit bounds data.max_length
+    model = build_trainable_model(cfg, device)  # before the data: its position limit bounds data.max_length
     max_length = resolve_max_length(cfg.data.max_length, position_limit(model))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=max_length))  # the caller's stays
     data = prepare_data(cfg.data, tokenizer, t.seed)
@@ -281,7 +281,7 @@ def run_epoch(r: Recipe, state: TrainState, progress: ProgressBar) -> None:
         loss, lr = train_step(r, state, list(itertools.islice(micro, group)))
         log_step(r, state, loss, lr, progress)
         evaluated = _due(t.eval_every, state.step)
-        if evaluated and evaluate(r, state):
+        if evaluated and validate(r, state):
             state.early_stopped = True
             return
         # The end-of-epoch evaluation below checkpoints this very step: saving it twice would only widen the
@@ -294,7 +294,7 @@ def run_epoch(r: Recipe, state: TrainState, progress: ProgressBar) -> None:
     if state.micro_in_epoch + group > len(plan):
         state.epoch += 1
         state.micro_in_epoch = 0
-    if not _due(t.eval_every, state.step) and evaluate(r, state):  # unless that just happened at this step
+    if not _due(t.eval_every, state.step) and validate(r, state):  # unless that just happened at this step
         state.early_stopped = True
 
 
@@ -385,7 +385,7 @@ def log_step(r: Recipe, state: TrainState, loss: float, lr: float, progress: Pro
 # ------------------------------------------------------------------------------ evaluate and checkpoint
 
 
-def evaluate(r: Recipe, state: TrainState) -> bool:
+def validate(r: Recipe, state: TrainState) -> bool:
     """Validation metrics, best tracking and a checkpoint; returns True when early stopping says stop."""
     t = r.cfg.train
     record = validation_metrics(r, state)
@@ -437,7 +437,7 @@ def save_checkpoint(r: Recipe, state: TrainState, best: bool) -> None:
     weights = r.par.trainable_state(r.model)
     optimizer = r.par.optimizer_state(r.model, r.optimizer)
     if r.dist.main:
-        ckpt.save_checkpoint(r.checkpoints, state.step, weights, {
+        ckpt.write_checkpoint(r.checkpoints, state.step, weights, {
             "optimizer": optimizer, "scheduler": r.scheduler.state_dict(), "scaler": r.scaler.state_dict(),
             "train_state": state.to_dict(),
             # what a resume checks (the config, the process count) and where it cuts metrics.jsonl back to
