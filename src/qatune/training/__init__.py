@@ -5,7 +5,12 @@ or continue in its directory and what a resume may change (`resume_check.py`; th
 `qatune.runs.layout`'s), processes (`parallel.py`), metric logs (`loggers.py`), results (`result.py`) and the
 transformers + peft backend (`hf_backend.py`)."""
 
-from qatune.training.config import RunConfig, load_config
-from qatune.training.recipe import train_model
+from qatune.utils.lazy import lazy_exports
 
+_EXPORTS = {
+    "RunConfig": "qatune.training.config",
+    "load_config": "qatune.training.config",
+    "train_model": "qatune.training.recipe",
+}
 __all__ = ["RunConfig", "load_config", "train_model"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
