@@ -81,9 +81,7 @@ def evaluate(
     """
     start = time.perf_counter()
     run = run_data_section(source)
-    template = template or (run or {}).get("template") or DEFAULT_TEMPLATE
-    prompt_format = prompt_format or (run or {}).get("prompt_format") or "auto"
-    max_length = max_length or (run or {}).get("max_length") or _DEFAULT_MAX_LENGTH
+    template, prompt_format, max_length = _run_defaults(run, template, prompt_format, max_length)
     generation = generation or GenerationConfig(max_new_tokens=32)
     data_path = resolve_data(data)
     task = resolve_task(task, fmt, data_path)
@@ -109,12 +107,28 @@ def evaluate(
         "generation": dataclasses.asdict(generation),
         "eval_time_s": time.perf_counter() - start,
     }
-    out = EvalDir(Path(out_dir)) if out_dir is not None else (RunDir(source).eval if run else None)
+    _save(source, run is not None, out_dir, metrics, rows)
+    return metrics
+
+
+def _run_defaults(run: dict[str, Any] | None, template: str | None, prompt_format: str | None,
+                  max_length: int | None) -> tuple[str, str, int]:
+    """A run is measured the way it was trained (its `data` section's template, prompt format, max_length);
+    a model with the QA default template, its own format (auto) and 512 tokens. Given values win."""
+    run = run or {}
+    return (template or run.get("template") or DEFAULT_TEMPLATE, prompt_format or run.get("prompt_format") or "auto",
+            max_length or run.get("max_length") or _DEFAULT_MAX_LENGTH)
+
+
+def _save(source: str | os.PathLike, is_run: bool, out_dir: str | os.PathLike | None, metrics: dict[str, Any],
+          rows: list[dict[str, Any]]) -> None:
+    """To `out_dir`, else a run's `eval/` (a bare model without `out_dir` writes nothing); a run's model card
+    then shows the new figures."""
+    out = EvalDir(Path(out_dir)) if out_dir is not None else (RunDir(source).eval if is_run else None)
     if out is not None:
         out.write(metrics, rows)
-    if run is not None:  # a run's model card shows its RUN/eval/metrics.json figures
+    if is_run:
         write_model_card(source)
-    return metrics
 
 
 def _read(data_path: str, fmt: str, task: str, max_examples: int | None) -> tuple[list[QAExample], list[QAExample]]:
