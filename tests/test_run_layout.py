@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from qatune.errors import TrainingError
 from qatune.runs.layout import CARD, LOCK, EvalDir, RunDir, lock_directory
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "qatune"
 OWNER = SRC / "runs" / "layout.py"
 # Names that mean a run's file wherever they appear as a string.
 FILE_NAMES = ("config.yaml", "summary.json", "metrics.jsonl", "metrics.json", "predictions.jsonl", "trackers.json",
-              "checkpoints", "mlruns", LOCK, CARD)
+              "checkpoints", "mlruns", ".lock", "README.md")
 # Names that are also config keys, commands or tracker names: a run's folder only when joined into a path.
 FOLDER_NAMES = ("adapter", "model", "eval", "tensorboard")
 
@@ -46,6 +47,15 @@ def _spellings(path: Path) -> list[str]:
 def test_only_the_layout_spells_the_names_of_a_run():
     hits = [f"{path.relative_to(SRC)}:{hit}" for path in sorted(SRC.rglob("*.py")) if path != OWNER
             for hit in _spellings(path)]
+    assert hits == []
+
+
+def test_a_checkpoint_folder_is_the_checkpoint_format_s():
+    """What a checkpoint folder holds is spelled by training/checkpoint.py alone."""
+    names = ("weights.safetensors", "state.safetensors", "state.json", "manifest.json")
+    owner = SRC / "training" / "checkpoint.py"
+    hits = [f"{path.relative_to(SRC)}:{node.lineno}" for path in sorted(SRC.rglob("*.py")) if path != owner
+            for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant) and node.value in names]
     assert hits == []
 
 
@@ -179,8 +189,7 @@ def test_an_evaluation_writes_its_metrics_last(tmp_path):
 
 
 def test_one_writer_per_directory(tmp_path):
-    from qatune.errors import TrainingError
-
+    assert (LOCK, CARD) == (".lock", "README.md")  # the names the README documents
     with lock_directory(tmp_path / "sweep", "comparison directory"):
         assert (tmp_path / "sweep" / LOCK).is_file()
         with pytest.raises(TrainingError, match="in use"):
