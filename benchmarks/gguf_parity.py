@@ -28,8 +28,8 @@ from qatune.data.prompts import DEFAULT_TEMPLATE, make_prompt_format
 from qatune.data.readers import SAMPLE_DATA, load_examples
 from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.lora.inject import merged_state_dict
-from qatune.models.gguf_writer import GGUF_TYPES, write_gguf
 from qatune.models.loading import build_model
+from qatune.publish.gguf_writer import GGUF_TYPES, write_gguf
 from qatune.training.config import load_config
 from qatune.training.recipe import train_model
 

@@ -30,8 +30,8 @@ from qatune.data.readers import load_examples
 from qatune.evaluation.metrics import qa_scores
 from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.lora.inject import merged_state_dict
-from qatune.models.gguf_writer import write_gguf
 from qatune.models.loading import build_model
+from qatune.publish.gguf_writer import write_gguf
 
 
 def same_as_llama_cpp_quantizer(f32_path: Path, ours: Path) -> dict:

@@ -12,9 +12,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from qatune import QatuneError, count_parameters, load_model
-from qatune.generation.runs import merge_run
 from qatune.lora import LoRAConfig, apply_lora, lora_layers
 from qatune.lora.adapters import load_adapter, save_adapter, save_merged
+from qatune.publish.merge import merge_run
 
 TOL = 1e-4
 VOCAB = 320  # the conftest checkpoints' vocabulary

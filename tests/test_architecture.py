@@ -46,11 +46,75 @@ def test_qatune_own_imports_sit_at_the_top_of_each_file():
     assert offenders == []
 
 
-def test_no_function_in_training_is_longer_than_a_screen():
-    """The recipe reads in parts: every function of `qatune.training` fits on one screen (~60 lines)."""
+def test_no_function_is_longer_than_a_screen():
+    """Every function of the package reads on one screen (~60 lines); the recipe, for one, reads in parts."""
     long = []
-    for path in sorted((ROOT / "src" / "qatune" / "training").rglob("*.py")):
+    for path in sorted((ROOT / "src" / "qatune").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
-                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+                where = path.relative_to(ROOT / "src" / "qatune")
+                long.append(f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert long == []
+
+
+def _public_definitions() -> dict[str, list[str]]:
+    """Each public top-level function or class name of src/qatune -> the modules that define it (a re-export by
+    import is no definition)."""
+    defined: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "src" / "qatune").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                    and not node.name.startswith("_")):
+                defined.setdefault(node.name, []).append(str(path.relative_to(ROOT / "src")))
+    return defined
+
+
+def test_no_public_name_is_defined_in_two_modules():
+    """A name says one thing: `load_model` is qatune's public loader, not also the base-model loader."""
+    assert {name: where for name, where in _public_definitions().items() if len(where) > 1} == {}
+
+
+def _modules_after(code: str) -> set[str]:
+    """The qatune modules a fresh interpreter has imported after running `code`."""
+    script = f"import sys\n{code}\nprint('\\n'.join(m for m in sys.modules if m.startswith('qatune')))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    return set(result.stdout.split())
+
+
+def _above(modules: set[str], *packages: str) -> list[str]:
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in packages))
+
+
+def test_importing_a_low_layer_imports_nothing_above_it():
+    """`import qatune.data, qatune.models` loads only those layers and the ones below (the package's own
+    `__init__` exports lazily); the check can fail: importing the recipe does load training."""
+    high = ("qatune.training", "qatune.compare", "qatune.cli", "qatune.bench", "qatune.evaluation")
+    assert _above(_modules_after("import qatune.data, qatune.models"), *high) == []
+    assert _above(_modules_after("import qatune"), *high) == []
+    assert "qatune.training.recipe" in _modules_after("import qatune.training.recipe")
+
+
+def test_the_public_names_still_work():
+    modules = _modules_after("import qatune\n"
+                             "assert qatune.load_model.__module__ == 'qatune.generation.runs'\n"
+                             "assert qatune.train_model.__name__ == 'train_model'\n"
+                             "assert issubclass(qatune.ConfigError, qatune.QatuneError)\n"
+                             "assert set(qatune.__all__) <= set(dir(qatune)), dir(qatune)\n"
+                             "assert qatune.__version__\n"
+                             "from qatune import load_tokenizer, count_parameters, load_config\n"
+                             "from qatune.evaluation import evaluate\n"
+                             "from qatune.cli import main\n"
+                             "try:\n    qatune.no_such_name\nexcept AttributeError:\n    pass\n"
+                             "else:\n    raise SystemExit('no AttributeError')")
+    assert "qatune.training.recipe" in modules
+
+
+def test_every_module_is_named_in_the_design_notes():
+    """docs/DESIGN.md's table names each module by its path under src/qatune (`runs/layout.py`), so a new module
+    is placed and described when it is added."""
+    design = (ROOT / "docs" / "DESIGN.md").read_text()
+    package = ROOT / "src" / "qatune"
+    modules = [path.relative_to(package).as_posix() for path in sorted(package.rglob("*.py"))
+               if path.name not in ("__init__.py", "__main__.py")]
+    assert modules and [m for m in modules if f"`{m}`" not in design] == []

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from qatune.compare.configs import Config
 from qatune.compare.report import _test_table, verdict
+from qatune.compare.rows import ReportRow
 from qatune.compare.run import select
 from qatune.compare.sweep import load_sweep
 from qatune.errors import QatuneError
@@ -85,14 +85,14 @@ def test_sweep_resumes_after_sigkill_and_reports(qa_gpt2_dir, tmp_path):
         assert f"]({name})" in report and (out / name).stat().st_size > 1000
 
 
-def _config(method: str, rank: int | None, per_seed: list[np.ndarray], params: int, size: int) -> Config:
+def _config(method: str, rank: int | None, per_seed: list[np.ndarray], params: int, size: int) -> ReportRow:
     rows = [{"item_scores": {"test": {"f1": list(scores)}}, "trainable_params": params, "trainable_percent":
              100 * params / 135e6, "result_bytes": size, "peak_memory_bytes": 2e9 if method == "full" else 1e9,
              "wall_time_s": 100.0, "point": {}} for scores in per_seed]
-    return Config(method, rank, rows, shots=3 if method == "k-shot" else 0)
+    return ReportRow(method, rank, rows, shots=3 if method == "k-shot" else 0)
 
 
-def _verdict(*configs: Config) -> str:
+def _verdict(*configs: ReportRow) -> str:
     return "\n".join(verdict(list(configs), {"task": "qa", "extra_eval": []}))
 
 
@@ -117,7 +117,7 @@ def test_verdict_follows_the_paired_intervals():
     assert "fine-tuning is not worth it" in _verdict(zero, few, *flat)
 
 
-def _with_contains(config: Config, per_seed: list[np.ndarray], words: float) -> Config:
+def _with_contains(config: ReportRow, per_seed: list[np.ndarray], words: float) -> ReportRow:
     """`config` also scored by `contains` (0 or 100 per item), with a mean answer length in words per seed."""
     for row, scores in zip(config.rows, per_seed):
         row["item_scores"]["test"]["contains"] = list(scores)

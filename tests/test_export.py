@@ -22,12 +22,12 @@ from qatune.cli.commands import main
 from qatune.data.prompts import make_prompt_format
 from qatune.errors import ModelError
 from qatune.generation.decode import GenerationConfig, generate
-from qatune.generation.export import export_gguf
 from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.lora.inject import merged_state_dict
-from qatune.models.gguf_writer import write_gguf
 from qatune.models.loading import build_model
 from qatune.models.tokenizer import load_tokenizer
+from qatune.publish.gguf import export_gguf
+from qatune.publish.gguf_writer import write_gguf
 from qatune.training.config import load_config
 from qatune.training.recipe import train_model
 
@@ -310,7 +310,7 @@ def test_model_card_is_written_parsed_and_filled_by_eval(lora_run):
 def test_model_card_names_hub_base_model_and_dataset():
     from huggingface_hub import ModelCard
 
-    from qatune.evaluation.model_card import render_model_card
+    from qatune.publish.model_card import render_model_card
 
     config = {"model": "smollm2-135m", "method": "full", "data": {"train": "hf:rajpurkar/squad"}}
     card = ModelCard(render_model_card("run", config, None, {"task": "qa", "data": "t.jsonl", "em": 50.0}))
@@ -337,7 +337,7 @@ def test_push_dry_run_lists_files_and_upload_goes_through_hf_api(lora_run, monke
             calls.append(("upload_folder", kw["repo_id"], kw))
             return "https://huggingface.co/me/my-adapter/commit/1"
 
-    monkeypatch.setattr("qatune.cli.push.HfApi", FakeApi)
+    monkeypatch.setattr("qatune.publish.push.HfApi", FakeApi)
     assert main(["push", str(lora_run), "me/my-adapter", "--private"]) == 0
     assert calls[0] == ("create_repo", "me/my-adapter", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls[1][2]["folder_path"] == str(lora_run / "adapter")
@@ -347,7 +347,7 @@ def test_push_dry_run_lists_files_and_upload_goes_through_hf_api(lora_run, monke
 def test_vocabulary_is_padded_to_the_model_and_added_tokens_are_typed(qa_tokenizer_dir):
     from gguf import TokenType
 
-    from qatune.models.gguf_vocab import gguf_vocab
+    from qatune.publish.gguf_vocab import gguf_vocab
 
     tokenizer = load_tokenizer(qa_tokenizer_dir)
     tokenizer.add_tokens(["<think>"])  # a user-defined added token, not special

@@ -218,7 +218,7 @@ def test_ask_smollm2_answers_sensibly():
 
 @needs_smollm2
 def test_download_smollm2_finds_the_installed_gguf():
-    from qatune.models.download import download
+    from qatune.cli.download import download
 
     assert download("smollm2-135m").endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
 

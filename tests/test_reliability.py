@@ -26,11 +26,11 @@ from safetensors.torch import load_file
 
 from qatune import QatuneError, load_tokenizer
 from qatune.cli.commands import main
+from qatune.runs.layout import lock_directory
 from qatune.training.checkpoint import find_resumable, load_checkpoint, step_dirs, verify
 from qatune.training.config import load_config
 from qatune.training.recipe import train_model
 from qatune.utils.faults import FAULT_ENV
-from qatune.utils.lock import DirLock
 
 
 @pytest.fixture(autouse=True)
@@ -266,7 +266,7 @@ def test_one_writer_per_run_directory(qa_gpt2_dir, tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"models": [str(qa_gpt2_dir)], "methods": ["full"], "eval": {"data": "x"},
                                      "base": {"data": {"train": "sample"}}}))
-    with DirLock(out, "comparison directory"):  # another sweep writing there
+    with lock_directory(out, "comparison directory"):  # another sweep writing there
         code, err = _run(capsys, "compare", str(sweep), "--out", str(out))
         assert code == 2 and f"PID {os.getpid()}" in _one_error_line(err)
 

@@ -2,8 +2,14 @@
 process (`runner.py`, method in its docstring), over the shapes and steps of `setups.py`; `checks.py` holds the
 GPU checks of `benchmarks/gpu_check.sh`."""
 
-from qatune.bench.checks import fast_path_agreement, sdpa_kernels
-from qatune.bench.runner import bench_command, run_bench
-from qatune.bench.setups import BenchConfig
+from qatune.utils.lazy import lazy_exports
 
+_EXPORTS = {
+    "BenchConfig": "qatune.bench.setups",
+    "bench_command": "qatune.bench.runner",
+    "fast_path_agreement": "qatune.bench.checks",
+    "run_bench": "qatune.bench.runner",
+    "sdpa_kernels": "qatune.bench.checks",
+}
 __all__ = ["BenchConfig", "bench_command", "fast_path_agreement", "run_bench", "sdpa_kernels"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

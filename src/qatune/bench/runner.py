@@ -72,7 +72,7 @@ from qatune.utils.env import machine_info
 
 
 @dataclass
-class Run:
+class Measurement:
     """One configuration: its step function (holding its model and optimizer), its batches, and what was
     measured."""
 
@@ -95,7 +95,7 @@ class Run:
     skipped: str | None = None
 
 
-def timed_step(run: Run, device: torch.device) -> tuple[float, float, dict[str, Tensor]]:
+def timed_step(run: Measurement, device: torch.device) -> tuple[float, float, dict[str, Tensor]]:
     batch = next(run.batches)
     sync(device)
     start = time.perf_counter()
@@ -104,7 +104,7 @@ def timed_step(run: Run, device: torch.device) -> tuple[float, float, dict[str, 
     return time.perf_counter() - start, float(loss), batch
 
 
-def build_and_warm(run: Run, builder: Callable[[], nn.Module], cfg: BenchConfig, device: torch.device,
+def build_and_warm(run: Measurement, builder: Callable[[], nn.Module], cfg: BenchConfig, device: torch.device,
                    batches: list[dict[str, Tensor]], console) -> None:
     """Build the configuration, run its warm-up steps and record its peak memory; failures are recorded in
     the run (an out-of-memory configuration must not end a benchmark of many)."""
@@ -134,7 +134,7 @@ def build_and_warm(run: Run, builder: Callable[[], nn.Module], cfg: BenchConfig,
         console.print(f"  failed: {run.error}", highlight=False)
 
 
-def measure(runs: list[Run], cfg: BenchConfig, device: torch.device, hf_config, console) -> None:
+def measure(runs: list[Measurement], cfg: BenchConfig, device: torch.device, hf_config, console) -> None:
     """`steps` rounds; in each, one step of every live configuration, in turn."""
     live = [r for r in runs if r.step_fn is not None]
     for round_ in range(cfg.steps):
@@ -153,7 +153,7 @@ def measure(runs: list[Run], cfg: BenchConfig, device: torch.device, hf_config, 
         console.print(f"round {round_ + 1}/{cfg.steps} done", highlight=False)
 
 
-def summarise(run: Run, peak_flops: float | None, synthetic: bool) -> dict[str, Any]:
+def summarise(run: Measurement, peak_flops: float | None, synthetic: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": run.name, "shape": run.shape, "method": run.method, "backend": run.backend,
         "strategy": run.strategy, "params": run.params, "error": run.error, "skipped": run.skipped,
@@ -241,7 +241,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
         runs = []
         for method, backend, strategy in itertools.product(cfg.methods, cfg.backends, strategy_batches):
             name = "/".join(x for x in (shape, method, backend, strategy) if x)
-            run = Run(name, shape, method, backend, strategy)
+            run = Measurement(name, shape, method, backend, strategy)
             build_and_warm(run, lambda m=method, b=backend, s=state, h=hf_config: _build(b, h, s, device, m), cfg,
                            device, strategy_batches[strategy], console)
             if run.error:  # free what the failed configuration allocated (peft models hold reference cycles)
@@ -302,7 +302,7 @@ def print_table(report: dict[str, Any], console) -> None:
 
 
 def bench_command(args) -> int:
-    """`qatune bench ...` (arguments defined in cli.py)."""
+    """`qatune bench ...` (arguments defined in cli/parser.py)."""
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
     cfg = BenchConfig(shapes=split(args.shapes), methods=split(args.methods), backends=split(args.backends),

@@ -98,7 +98,7 @@ def random_native_state(hf_config, device: torch.device, seed: int) -> dict[str,
 def build_native(hf_config, state: dict[str, Tensor], device: torch.device, method: str, fast_path: bool = False
                  ) -> nn.Module:
     """A native `Decoder` holding a copy of `state`, with LoRA (r=8, alpha=16, dropout 0.1 on c_attn) for
-    method=lora, as `training.build.build_model` makes it; `fast_path` as `train.fast_path`."""
+    method=lora, as `training.build.build_trainable_model` makes it; `fast_path` as `train.fast_path`."""
 
     with torch.device(device):
         model = Decoder(from_hf_config(hf_config.to_dict()), fast_path=fast_path)

@@ -10,12 +10,11 @@ import argparse
 import errno
 import json
 import sys
-from pathlib import Path
 
 from qatune.bench.runner import bench_command
 from qatune.cli.demo import run_demo
+from qatune.cli.download import download
 from qatune.cli.parser import build_parser, generation_config
-from qatune.cli.push import push_run
 from qatune.compare.run import run_sweep
 from qatune.data.prompts import DEFAULT_TEMPLATE, draw_shots, make_prompt_format
 from qatune.data.readers import load_examples
@@ -23,12 +22,14 @@ from qatune.errors import ConfigError, QatuneError
 from qatune.evaluation.measure import evaluate
 from qatune.evaluation.multiple_choice import evaluate_multiple_choice
 from qatune.generation.answer import answer_questions
-from qatune.generation.export import export_gguf
-from qatune.generation.runs import load_for_inference, merge_run, run_data_section
+from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.lora.adapters import load_adapter
-from qatune.models.download import download
-from qatune.models.loading import load_model
+from qatune.models.loading import load_base_model
 from qatune.models.tokenizer import load_tokenizer
+from qatune.publish.gguf import export_gguf
+from qatune.publish.merge import merge_run
+from qatune.publish.push import push_run
+from qatune.runs.layout import RunDir
 from qatune.training.config import load_config
 from qatune.training.recipe import train_model
 
@@ -65,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.out is None and not (Path(args.source) / "config.yaml").is_file():
+    if args.out is None and not RunDir(args.source).config.is_file():
         raise ConfigError(f"{args.source} is not a run directory: pass --out DIR for the results")
     if args.task == "mc":  # multiple choice: no generation, no prompt template (the query is the prompt)
         metrics = evaluate_multiple_choice(args.source, args.data, out_dir=args.out, max_examples=args.max_examples,
@@ -90,7 +91,7 @@ def _ask(args: argparse.Namespace) -> int:
     if not question:  # refused before a model is loaded
         raise ConfigError("the question is empty")
     if args.adapter:
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_base_model(args.model, dtype=args.dtype, device=args.device)
         load_adapter(model, args.adapter)
         tokenizer = load_tokenizer(args.model)
     else:

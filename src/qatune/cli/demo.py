@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 
+from qatune.cli.download import download
 from qatune.data.prompts import make_prompt_format
 from qatune.data.readers import SAMPLE_DATA, load_examples
 from qatune.evaluation.metrics import qa_scores
 from qatune.generation.answer import answer_questions
 from qatune.generation.runs import load_for_inference
-from qatune.models.download import download
-from qatune.models.loading import load_model
+from qatune.models.loading import load_base_model
 from qatune.models.tokenizer import load_tokenizer
 from qatune.training.config import load_config
 from qatune.training.recipe import train_model
@@ -37,7 +37,7 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None) -> int:
     questions = [ex.question for ex in test]
 
     print(f"[1/3] SmolLM2-135M as shipped answers {len(test)} held-out questions ...", flush=True)
-    base, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
+    base, tokenizer = load_base_model("smollm2-135m"), load_tokenizer("smollm2-135m")
     # The model's own format (its chat template), the same one the fine-tuning below trains in: a fair "before".
     config = load_config(CONFIG, [f"out={out}"] + ([f"train.epochs={epochs}"] if epochs else []))
     style = make_prompt_format(config.data.prompt_format, config.data.template, tokenizer)

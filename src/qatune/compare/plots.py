@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qatune.compare.configs import MAIN_SCORE as _MAIN
-from qatune.compare.configs import Config
+from qatune.compare.rows import MAIN_SCORE as _MAIN
+from qatune.compare.rows import ReportRow
 from qatune.compare.stats import mean_interval, paired_difference
 
 
-def draw_plots(slug: str, configs: list[Config], results: dict[str, Any], out: Path) -> list[str]:
+def draw_plots(slug: str, configs: list[ReportRow], results: dict[str, Any], out: Path) -> list[str]:
     """Writes the PNGs into `out`; returns their file names."""
     import matplotlib  # heavy: imported only when plots are drawn
 
@@ -27,7 +27,7 @@ def draw_plots(slug: str, configs: list[Config], results: dict[str, Any], out: P
     return names
 
 
-def _val_loss(plt, configs: list[Config], results: dict[str, Any]):
+def _val_loss(plt, configs: list[ReportRow], results: dict[str, Any]):
     fig, ax = plt.subplots(figsize=(6, 4))
     trained = [c for c in configs if c.trained]
     for i, c in enumerate(trained):
@@ -43,7 +43,7 @@ def _val_loss(plt, configs: list[Config], results: dict[str, Any]):
     return fig
 
 
-def _quality(plt, configs: list[Config], results: dict[str, Any]):
+def _quality(plt, configs: list[ReportRow], results: dict[str, Any]):
     key, name = _MAIN[results["task"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, c in enumerate(configs):
@@ -61,7 +61,7 @@ def _quality(plt, configs: list[Config], results: dict[str, Any]):
     return fig
 
 
-def _changes(plt, configs: list[Config], results: dict[str, Any]):
+def _changes(plt, configs: list[ReportRow], results: dict[str, Any]):
     """Each trained configuration minus the base model, per set and score, with paired intervals."""
     base = next((c for c in configs if c.method == "zero-shot"), None)
     sets = _change_scores(base, [("test", results["task"])] + [(s["name"], s["task"])
@@ -84,7 +84,7 @@ def _changes(plt, configs: list[Config], results: dict[str, Any]):
     return fig
 
 
-def _change_scores(base: Config | None, sets: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+def _change_scores(base: ReportRow | None, sets: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """(set, per-item score, label): each set's main score, and on QA sets `contains` beside it where measured."""
     scores = []
     for dataset, task in sets:
@@ -94,7 +94,7 @@ def _change_scores(base: Config | None, sets: list[tuple[str, str]]) -> list[tup
     return scores
 
 
-def _cost(plt, configs: list[Config], results: dict[str, Any]):
+def _cost(plt, configs: list[ReportRow], results: dict[str, Any]):
     trained = [c for c in configs if c.trained]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
     labels = [c.label for c in trained]

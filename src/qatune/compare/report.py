@@ -12,8 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from qatune.compare.configs import MAIN_SCORE, SECOND_SCORE, Config, group
 from qatune.compare.plots import draw_plots
+from qatune.compare.rows import MAIN_SCORE, SECOND_SCORE, ReportRow, group
 from qatune.compare.stats import Interval, mean_interval, paired_difference
 from qatune.compare.sweep import model_label
 from qatune.utils.io import atomic_write_text
@@ -47,28 +47,28 @@ def _axis(spec: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- tables
 
 
-def _baseline(configs: list[Config]) -> Config | None:
+def _baseline(configs: list[ReportRow]) -> ReportRow | None:
     return next((c for c in configs if c.method == "zero-shot"), None)
 
 
-def _full(configs: list[Config]) -> Config | None:
+def _full(configs: list[ReportRow]) -> ReportRow | None:
     return next((c for c in configs if c.method == "full"), None)
 
 
-def _lora(configs: list[Config]) -> Config | None:
+def _lora(configs: list[ReportRow]) -> ReportRow | None:
     """The LoRA configuration the verdict speaks for: the one with the most seeds (the main rank), then the
     best validation loss; never chosen by a test score."""
     loras = [c for c in configs if c.method == "lora"]
     return min(loras, key=lambda c: (-len(c.rows), c.mean("best_val_loss") or 0.0), default=None)
 
 
-def _diff(a: Config | None, b: Config | None, dataset: str, key: str) -> Interval | None:
+def _diff(a: ReportRow | None, b: ReportRow | None, dataset: str, key: str) -> Interval | None:
     if a is None or b is None or a.matrix(dataset, key) is None or b.matrix(dataset, key) is None:
         return None
     return paired_difference(a.matrix(dataset, key), b.matrix(dataset, key))
 
 
-def _mean(c: Config, dataset: str, key: str) -> Interval | None:
+def _mean(c: ReportRow, dataset: str, key: str) -> Interval | None:
     m = c.matrix(dataset, key)
     return mean_interval(m) if m is not None else None
 
@@ -77,7 +77,7 @@ def _cell(interval: Interval | None, signed: bool = False) -> str:
     return interval.format(signed=signed) if interval is not None else "-"
 
 
-def _test_table(configs: list[Config], task: str) -> list[str]:
+def _test_table(configs: list[ReportRow], task: str) -> list[str]:
     (key, name), (key2, name2) = MAIN_SCORE[task], SECOND_SCORE[task]
     base, full = _baseline(configs), _full(configs)
     few = next((c for c in configs if c.method == "k-shot"), None)
@@ -101,23 +101,23 @@ def _knows_columns(task: str) -> tuple[str, str]:
     return ("contains [95% CI] | words per answer | ", "---|---|") if task == "qa" else ("", "")
 
 
-def _knows_cells(c: Config, dataset: str, task: str) -> str:
+def _knows_cells(c: ReportRow, dataset: str, task: str) -> str:
     return f"{_cell(_mean(c, dataset, _CONTAINS))} | {_num(_words(c, dataset), '.1f')} | " if task == "qa" else ""
 
 
-def _words(c: Config, dataset: str) -> float | None:
+def _words(c: ReportRow, dataset: str) -> float | None:
     """Mean answer length in words over the seeds, from metrics.json; None where it was not measured."""
     found = [(r["eval"] if dataset == "test" else r.get("extra", {}).get(dataset, {})).get("answer_length")
              for r in c.rows]
     return statistics.fmean(found) if found and None not in found else None
 
 
-def _loss(c: Config) -> str:
+def _loss(c: ReportRow) -> str:
     losses = [r["eval"].get("loss") for r in c.rows if r["eval"].get("loss") is not None]
     return f"{statistics.fmean(losses):.3f}" if losses else "-"
 
 
-def _extra_table(configs: list[Config], spec: dict[str, Any]) -> list[str]:
+def _extra_table(configs: list[ReportRow], spec: dict[str, Any]) -> list[str]:
     (key, name), (key2, name2) = MAIN_SCORE[spec["task"]], SECOND_SCORE[spec["task"]]
     dataset, base, full = spec["name"], _baseline(configs), _full(configs)
     knows_head, knows_rule = _knows_columns(spec["task"])
@@ -131,7 +131,7 @@ def _extra_table(configs: list[Config], spec: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _cost_table(configs: list[Config]) -> list[str]:
+def _cost_table(configs: list[ReportRow]) -> list[str]:
     lines = ["| method | trainable params | % | result size | peak memory | train time | tokens/s | best val loss |",
              "|---|---|---|---|---|---|---|---|"]
     for c in (c for c in configs if c.trained):
@@ -142,7 +142,7 @@ def _cost_table(configs: list[Config]) -> list[str]:
     return lines
 
 
-def _setup_table(configs: list[Config]) -> list[str]:
+def _setup_table(configs: list[ReportRow]) -> list[str]:
     """The resolved recipe of each trained configuration (its picked grid point included)."""
     lines = ["| method | picked | epochs | steps run | batch | lr | schedule | warm-up | max length | LoRA |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -240,7 +240,7 @@ def _short(path: Any) -> str:
 # --------------------------------------------------------------------------------------------- verdict
 
 
-def verdict(configs: list[Config], results: dict[str, Any]) -> list[str]:
+def verdict(configs: list[ReportRow], results: dict[str, Any]) -> list[str]:
     """One sentence per axis, then the conclusion, each computed from the paired intervals."""
     full, lora, base = _full(configs), _lora(configs), _baseline(configs)
     few = next((c for c in configs if c.method == "k-shot"), None)
@@ -286,7 +286,7 @@ def _learns_sentence(full, lora, base, few, key, name) -> str:
     return text
 
 
-def _knows_sentence(configs: list[Config], full: Config | None, lora: Config | None) -> str | None:
+def _knows_sentence(configs: list[ReportRow], full: ReportRow | None, lora: ReportRow | None) -> str | None:
     """How often the answer appears in the output, fine-tuned against the baseline that says it most often (the
     harder comparison): EM rewards answering in the training data's short form, `contains` asks whether the model
     said the answer at all, which is what a gain in knowledge has to show."""
@@ -321,7 +321,7 @@ def _versus_base_sentence(full, lora, base, spec) -> str:
     return text
 
 
-def _costs(lora: Config, full: Config) -> str:
+def _costs(lora: ReportRow, full: ReportRow) -> str:
     def ratio(field_name: str) -> float:
         return (lora.mean(field_name) or 0) / max(full.mean(field_name) or 1, 1e-9)
 

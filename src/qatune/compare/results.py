@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from qatune.compare.sweep import Point, Run, Sweep
 from qatune.evaluation.measure import resolve_task
+from qatune.runs.layout import EvalDir, RunDir
 from qatune.utils.env import machine_info
 
 _SUMMARY_KEYS = ("trainable_params", "total_params", "trainable_percent", "peak_memory_bytes", "wall_time_s",
@@ -24,7 +23,7 @@ _ITEM_KEYS = {"qa": ("f1", "em", "contains"), "nlg": ("bleu", "rouge_l"), "mc": 
 
 def selection_value(run_dir: Path, metric: str) -> float | None:
     """The best value of `metric` over a run's evaluations (metrics.jsonl): lowest val_loss, highest em/f1/bleu."""
-    events = [json.loads(line) for line in _lines(run_dir / "metrics.jsonl")]
+    events = [json.loads(line) for line in _lines(RunDir(run_dir).metrics)]
     values = [e[metric] for e in events if e.get("event") == "eval" and e.get(metric) is not None]
     if not values:
         return None
@@ -49,23 +48,23 @@ def collect_results(sweep: Sweep, out: Path, picks: dict[tuple[str, str, int | N
 
 def _training_budget(out: Path, trained: list[Run]) -> dict[str, Any]:
     """How many trainings the sweep ran (grid points and seeds) and their summed training time."""
-    summaries = [json.loads((out / "runs" / run.name / "summary.json").read_text()) for run in trained]
+    summaries = [json.loads(RunDir(out / "runs" / run.name).summary.read_text()) for run in trained]
     return {"runs": len(trained), "wall_time_s": sum(s.get("wall_time_s") or 0.0 for s in summaries)}
 
 
 def _evaluated_row(sweep: Sweep, out: Path, run: Run, task: str) -> dict[str, Any]:
-    run_dir = out / "runs" / run.name
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    run_dir = RunDir(out / "runs" / run.name)
+    metrics = json.loads(run_dir.eval.metrics.read_text())
     row: dict[str, Any] = {
         "name": run.name, "model": run.model, "method": run.method, "rank": run.rank, "seed": run.seed,
         "point": dict(run.point), "shots": run.shots,
         "eval": {k: v for k, v in metrics.items() if k not in ("generation", "template", "source")},
-        "item_scores": {"test": _item_scores(run_dir / "eval", task)}, "extra": {},
+        "item_scores": {"test": _item_scores(run_dir.eval, task)}, "extra": {},
     }
-    row["empty_predictions"] = sum(not p["prediction"] for p in _predictions(run_dir / "eval"))
+    row["empty_predictions"] = sum(not p["prediction"] for p in _predictions(run_dir.eval))
     for spec in sweep.extra_eval if run.method != "k-shot" else []:
-        where = run_dir / f"eval-{spec['name']}"
-        extra = json.loads((where / "metrics.json").read_text())
+        where = run_dir.eval_named(spec["name"])
+        extra = json.loads(where.metrics.read_text())
         row["extra"][spec["name"]] = {k: v for k, v in extra.items() if isinstance(v, (int, float))}
         row["item_scores"][spec["name"]] = _item_scores(where, spec["task"])
     if run.trained:
@@ -73,11 +72,11 @@ def _evaluated_row(sweep: Sweep, out: Path, run: Run, task: str) -> dict[str, An
     return row
 
 
-def _training_facts(run_dir: Path, run: Run) -> dict[str, Any]:
-    summary = json.loads((run_dir / "summary.json").read_text())
+def _training_facts(run_dir: RunDir, run: Run) -> dict[str, Any]:
+    summary = json.loads(run_dir.summary.read_text())
     facts: dict[str, Any] = {k: summary.get(k) for k in _SUMMARY_KEYS}
-    facts["result_bytes"] = _weights_size(run_dir / ("adapter" if run.method == "lora" else "model"))
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    facts["result_bytes"] = _weights_size(run_dir.result_for(run.method))
+    config = run_dir.read_config()
     facts["config"] = {
         "train": {k: config["train"].get(k) for k in ("epochs", "max_steps", "batch_size", "grad_accum", "lr",
                                                       "schedule", "warmup_steps")},
@@ -85,7 +84,7 @@ def _training_facts(run_dir: Path, run: Run) -> dict[str, Any]:
                                                     "template", "prompt_format")},
         "lora": config["lora"] if run.method == "lora" else None,
     }
-    events = [json.loads(line) for line in _lines(run_dir / "metrics.jsonl")]
+    events = [json.loads(line) for line in _lines(run_dir.metrics)]
     facts["val_curve"] = [[e["step"], e["val_loss"]] for e in events if e.get("event") == "eval" and "val_loss" in e]
     return facts
 
@@ -95,7 +94,7 @@ def _candidate_row(sweep: Sweep, out: Path, run: Run, picked: bool) -> dict[str,
             "picked": picked, sweep.select_metric: selection_value(out / "runs" / run.name, sweep.select_metric)}
 
 
-def _item_scores(eval_dir: Path, task: str) -> dict[str, list[float]]:
+def _item_scores(eval_dir: EvalDir, task: str) -> dict[str, list[float]]:
     """Per-item scores in points (0-100) in the data's order, for the paired statistics: QA F1/EM/contains,
     sentence BLEU/ROUGE-L, or multiple-choice correctness (acc, acc_norm). An evaluation made before `contains`
     existed has none; the report shows "-" for it."""
@@ -107,8 +106,8 @@ def _item_scores(eval_dir: Path, task: str) -> dict[str, list[float]]:
             if all(key in r["scores"] for r in rows)}
 
 
-def _predictions(eval_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in _lines(eval_dir / "predictions.jsonl")]
+def _predictions(eval_dir: EvalDir) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _lines(eval_dir.predictions)]
 
 
 def _lines(path: Path) -> list[str]:

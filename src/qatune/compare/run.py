@@ -41,9 +41,9 @@ from qatune.errors import ConfigError, QatuneError
 from qatune.evaluation.measure import evaluate
 from qatune.evaluation.multiple_choice import evaluate_multiple_choice
 from qatune.generation.decode import GenerationConfig
+from qatune.runs.layout import RunDir, lock_directory
 from qatune.training.config import config_from_dict
 from qatune.utils.io import atomic_write_text
-from qatune.utils.lock import DirLock
 
 
 def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
@@ -54,7 +54,7 @@ def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is an existing file, not a directory")
     configs = prepare(sweep, out)
-    with DirLock(out, "comparison directory"):
+    with lock_directory(out, "comparison directory"):
         return _carry_out(sweep, out, configs, started)
 
 
@@ -103,7 +103,7 @@ def write_inputs(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]]) ->
 
 def ensure_trained(out: Path, run: Run, started: float) -> None:
     run_dir = out / "runs" / run.name
-    if (run_dir / "summary.json").is_file():
+    if RunDir(run_dir).summary.is_file():
         return
     _log(f"{run.name}: training (log: {run_dir / 'train.log'})")
     _train(out / "configs" / f"{run.name}.yaml", run_dir)
@@ -140,10 +140,10 @@ def pick_point(scored: list[tuple[Run, float | None]], *, higher_is_better: bool
 
 def ensure_evaluated(sweep: Sweep, out: Path, run: Run, tag: str, started: float) -> None:
     """The test set (run_dir/eval) and every extra set (run_dir/eval-NAME), each skipped when already done."""
-    run_dir = out / "runs" / run.name
-    todo = [("eval", None)] + [(f"eval-{spec['name']}", spec) for spec in sweep.extra_eval
-                               if run.method != "k-shot"]  # k-shot is a baseline of the test task only
-    missing = [(name, spec) for name, spec in todo if not (run_dir / name / "metrics.json").is_file()]
+    run_dir = RunDir(out / "runs" / run.name)
+    todo = [(run_dir.eval, None)] + [(run_dir.eval_named(spec["name"]), spec) for spec in sweep.extra_eval
+                                     if run.method != "k-shot"]  # k-shot is a baseline of the test task only
+    missing = [(where, spec) for where, spec in todo if not where.done()]
     if not missing:
         _log(f"{tag}: done, skipped")
         return
@@ -156,15 +156,15 @@ def ensure_evaluated(sweep: Sweep, out: Path, run: Run, tag: str, started: float
         _record_invocation(out / "sweep.json", started)
 
 
-def _source(run: Run, run_dir: Path) -> str | Path:
-    return run_dir if run.trained else run.model
+def _source(run: Run, run_dir: RunDir) -> str | Path:
+    return run_dir.path if run.trained else run.model
 
 
-def _evaluate_test(sweep: Sweep, run: Run, run_dir: Path) -> None:
+def _evaluate_test(sweep: Sweep, run: Run, run_dir: RunDir) -> None:
     """A trained run in its own prompt format and max_length; a baseline in the sweep's (auto: the model's own)."""
     ev, data = sweep.eval, sweep.base.get("data", {})
     shots = _shots(sweep) if run.method == "k-shot" else []
-    evaluate(_source(run, run_dir), ev["data"], out_dir=run_dir / "eval",
+    evaluate(_source(run, run_dir), ev["data"], out_dir=run_dir.eval.path,
              template=ev.get("template") or (None if run.trained else data.get("template")),
              prompt_format=ev.get("prompt_format") or (None if run.trained else data.get("prompt_format")),
              shots=shots, max_length=None if run.trained else data.get("max_length"),
@@ -173,8 +173,8 @@ def _evaluate_test(sweep: Sweep, run: Run, run_dir: Path) -> None:
              loss=ev.get("loss", True), progress=False)
 
 
-def _evaluate_extra(sweep: Sweep, run: Run, run_dir: Path, spec: dict[str, Any]) -> None:
-    out_dir = run_dir / f"eval-{spec['name']}"
+def _evaluate_extra(sweep: Sweep, run: Run, run_dir: RunDir, spec: dict[str, Any]) -> None:
+    out_dir = run_dir.eval_named(spec["name"]).path
     if spec["task"] == "mc":
         evaluate_multiple_choice(_source(run, run_dir), spec["data"], out_dir=out_dir,
                                  max_examples=spec.get("max_examples"), batch_size=spec.get("batch_size", 16),
@@ -200,7 +200,8 @@ def _shots(sweep: Sweep) -> list:
 def _train(config_path: Path, run_dir: Path) -> None:
     """`python -m qatune train` in a child process; resumes from the run's checkpoints when it has any."""
     args = [sys.executable, "-m", "qatune", "train", str(config_path)]
-    if (run_dir / "checkpoints").is_dir() or (run_dir / "config.yaml").is_file():  # started before: continue it
+    previous = RunDir(run_dir)
+    if previous.checkpoints.is_dir() or previous.config.is_file():  # started before: continue it
         args.append("resume=true")
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "a") as log:

@@ -14,7 +14,6 @@ scores), so that every number in `metrics.json` can be recomputed from `predicti
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -30,13 +29,13 @@ from qatune.data.readers import DataReport, QAExample, group_references, load_ex
 from qatune.errors import ConfigError, DataError
 from qatune.evaluation.loss import evaluate_loss
 from qatune.evaluation.metrics import bleu, generation_scores, per_example_qa, qa_scores, rouge_l
-from qatune.evaluation.model_card import write_model_card
 from qatune.generation.answer import answer_questions
 from qatune.generation.decode import GenerationConfig
 from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.models.decoder import Decoder
+from qatune.publish.model_card import write_model_card
+from qatune.runs.layout import EvalDir, RunDir
 from qatune.utils.console import ProgressBar
-from qatune.utils.io import atomic_write_text
 
 TASKS = ("auto", "qa", "nlg")
 _DEFAULT_MAX_LENGTH = 512  # the training default (RunConfig.data.max_length)
@@ -82,9 +81,7 @@ def evaluate(
     """
     start = time.perf_counter()
     run = run_data_section(source)
-    template = template or (run or {}).get("template") or DEFAULT_TEMPLATE
-    prompt_format = prompt_format or (run or {}).get("prompt_format") or "auto"
-    max_length = max_length or (run or {}).get("max_length") or _DEFAULT_MAX_LENGTH
+    template, prompt_format, max_length = _run_defaults(run, template, prompt_format, max_length)
     generation = generation or GenerationConfig(max_new_tokens=32)
     data_path = resolve_data(data)
     task = resolve_task(task, fmt, data_path)
@@ -110,12 +107,28 @@ def evaluate(
         "generation": dataclasses.asdict(generation),
         "eval_time_s": time.perf_counter() - start,
     }
-    out = Path(out_dir) if out_dir is not None else (Path(source) / "eval" if run else None)
-    if out is not None:
-        _write(out, metrics, rows)
-    if run is not None:  # a run's model card shows its RUN/eval/metrics.json figures
-        write_model_card(source)
+    _save(source, run is not None, out_dir, metrics, rows)
     return metrics
+
+
+def _run_defaults(run: dict[str, Any] | None, template: str | None, prompt_format: str | None,
+                  max_length: int | None) -> tuple[str, str, int]:
+    """A run is measured the way it was trained (its `data` section's template, prompt format, max_length);
+    a model with the QA default template, its own format (auto) and 512 tokens. Given values win."""
+    run = run or {}
+    return (template or run.get("template") or DEFAULT_TEMPLATE, prompt_format or run.get("prompt_format") or "auto",
+            max_length or run.get("max_length") or _DEFAULT_MAX_LENGTH)
+
+
+def _save(source: str | os.PathLike, is_run: bool, out_dir: str | os.PathLike | None, metrics: dict[str, Any],
+          rows: list[dict[str, Any]]) -> None:
+    """To `out_dir`, else a run's `eval/` (a bare model without `out_dir` writes nothing); a run's model card
+    then shows the new figures."""
+    out = EvalDir(Path(out_dir)) if out_dir is not None else (RunDir(source).eval if is_run else None)
+    if out is not None:
+        out.write(metrics, rows)
+    if is_run:
+        write_model_card(source)
 
 
 def _read(data_path: str, fmt: str, task: str, max_examples: int | None) -> tuple[list[QAExample], list[QAExample]]:
@@ -198,10 +211,3 @@ def _score(task: str, inputs: list[QAExample], predictions: list[str]) -> tuple[
         rows.append({"input": ex.question, "prediction": pred, "references": refs, "scores": own})
     scores = generation_scores(predictions, references) if task == "nlg" else qa_scores(predictions, references)
     return rows, scores
-
-
-def _write(out: Path, metrics: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """predictions.jsonl, then metrics.json, each written atomically: metrics.json exists only when complete
-    (the sweep in `compare` treats its presence as "this evaluation is done")."""
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

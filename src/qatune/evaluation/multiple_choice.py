@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from qatune.errors import DataError
 from qatune.generation.runs import load_for_inference
 from qatune.models.decoder import Decoder, KVCache
+from qatune.runs.layout import EvalDir, RunDir
 from qatune.utils.console import ProgressBar
-from qatune.utils.io import atomic_write_text
 
 DEFAULT_DELIMITER = "\nAnswer: "
 GOLD_KEYS = ("gold", "answer", "label")
@@ -304,10 +304,9 @@ def evaluate_multiple_choice(
                                  progress=progress)
     metrics = {"task": "mc", "source": str(source), "data": str(data), **mc_metrics(rows),
                "delimiter": delimiter, "eval_time_s": time.perf_counter() - start}
-    is_run = (Path(source) / "config.yaml").is_file()
-    out = Path(out_dir) if out_dir is not None else (Path(source) / f"eval-mc-{Path(data).stem}" if is_run else None)
+    run = RunDir(source)
+    out = EvalDir(Path(out_dir)) if out_dir is not None else (
+        run.eval_named(f"mc-{Path(data).stem}") if run.config.is_file() else None)
     if out is not None:
-        # predictions first, metrics.json last: its presence means the evaluation is complete (as `evaluate`)
-        atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        out.write(metrics, rows)  # predictions first, metrics.json last: its presence means the evaluation is complete
     return metrics

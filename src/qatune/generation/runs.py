@@ -1,4 +1,4 @@
-"""A model or a qatune run directory, loaded for use: answering, evaluating, merging.
+"""A model or a qatune run directory, loaded for use: answering, evaluating, merging, exporting.
 
 A run directory is what `qatune train` writes: `config.yaml` naming the base model, and the result in
 `adapter/` (LoRA, peft format) or `model/` (full fine-tuning, a Hugging Face checkpoint).
@@ -9,48 +9,53 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from qatune.errors import ModelError
-from qatune.lora.adapters import ADAPTER_CONFIG, load_adapter, save_merged
+from qatune.lora.adapters import ADAPTER_CONFIG, load_adapter
 from qatune.models.decoder import Decoder
-from qatune.models.loading import load_model
+from qatune.models.loading import load_base_model
 from qatune.models.tokenizer import has_tokenizer, load_tokenizer
-from qatune.utils.yamlfile import read_yaml
+from qatune.runs.layout import RunDir
+
+
+def load_model(source: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+               dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> Decoder:
+    """`qatune.load_model`: a native `Decoder` (`forward(input_ids) -> logits [batch, seq, vocab]`), in eval mode.
+
+    `source`: a local Hugging Face directory, a hub id (`gpt2`), a `.gguf` file, or `smollm2-135m`.
+    `adapter`: a LoRA adapter directory in peft's format (saved by qatune or by peft), applied on top.
+    `dtype`: e.g. `torch.bfloat16` or "bf16"; default float32. `device`: default "cpu"."""
+    model = load_base_model(source, dtype=dtype, device=device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model
 
 
 def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, tokenizer: str | None = None
                        ) -> tuple[Decoder, object]:
     """A model and its tokenizer from a model source or a run directory (`RUN/adapter` or `RUN/model`)."""
-    p = Path(source)
-    if (p / "config.yaml").is_file() and ((p / "adapter").is_dir() or (p / "model").is_dir()):
-        if (p / "model").is_dir():
-            return load_for_inference(p / "model", dtype=dtype, device=device, tokenizer=tokenizer)
-        run = read_yaml(p / "config.yaml") or {}
-        model = load_model(run["model"], dtype=dtype, device=device)
-        load_adapter(model, p / "adapter")
-        tok_source = tokenizer or (p / "adapter" if has_tokenizer(p / "adapter")
-                                   else run.get("tokenizer") or run["model"])
+    p, run_dir = Path(source), RunDir(source)
+    result = run_dir.result
+    if run_dir.config.is_file() and result is not None:
+        if result == run_dir.model:
+            return load_for_inference(result, dtype=dtype, device=device, tokenizer=tokenizer)
+        run = run_dir.read_config()
+        model = load_base_model(run["model"], dtype=dtype, device=device)
+        load_adapter(model, result)
+        tok_source = tokenizer or (result if has_tokenizer(result) else run.get("tokenizer") or run["model"])
         return model, load_tokenizer(tok_source)
-    if (p / "adapter_config.json").is_file():
+    if (p / ADAPTER_CONFIG).is_file():
         raise ModelError(f"{p} is an adapter: pass the base model and `--adapter {p}`")
-    if (p / "config.yaml").is_file() and not (p / "config.json").is_file():
+    if run_dir.config.is_file() and not (p / "config.json").is_file():
         raise ModelError(f"{p} is a qatune run without a result (no adapter/ or model/ yet): its training has not "
                          f"finished; continue it with `qatune train ... out={p} resume=true`")
-    model = load_model(source, dtype=dtype, device=device)
+    model = load_base_model(source, dtype=dtype, device=device)
     return model, load_tokenizer(tokenizer or source)
 
 
 def run_data_section(source: str | os.PathLike) -> dict | None:
     """The `data` section of a run directory's config.yaml (None for a model source), read as plain YAML:
     using a run must not fail because it was trained by a qatune that knows other config keys."""
-    path = Path(source) / "config.yaml"
-    return (read_yaml(path) or {}).get("data", {}) if path.is_file() else None
-
-
-def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """`qatune merge RUN OUT`: a LoRA run directory (`RUN/config.yaml` naming the base model, `RUN/adapter`)
-    -> a standalone Hugging Face checkpoint in OUT, tokenizer included."""
-    run = Path(run_dir)
-    if not (run / "adapter" / ADAPTER_CONFIG).is_file() or not (run / "config.yaml").is_file():
-        raise ModelError(f"{run} is not a LoRA run directory: expected config.yaml and adapter/{ADAPTER_CONFIG}")
-    model, tokenizer = load_for_inference(run)
-    return save_merged(model, tokenizer, out_dir)
+    run = RunDir(source).read_config()
+    return run.get("data", {}) if run is not None else None

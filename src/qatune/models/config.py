@@ -2,7 +2,7 @@
 
 GPT-2 family (gpt2 ... gpt2-xl, distilgpt2): learned positions, LayerNorm, GELU-tanh MLP, biases, tied head.
 Llama family (SmolLM2): RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases.
-The flags below are what differs; `model.py` reads only these flags, never the family name.
+The flags below are what differs; `decoder.py` reads only these flags, never the family name.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from qatune.errors import ModelError
 
-# Activations Hugging Face configs name, mapped to what `model.py` implements.
+# Activations Hugging Face configs name, mapped to what `decoder.py` implements.
 _GELU_TANH = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 
 

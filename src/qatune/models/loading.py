@@ -1,4 +1,4 @@
-"""`load_model(source)`: a native `Decoder` from a local directory, a hub id, a `.gguf` file or an alias.
+"""`load_base_model(source)`: a native `Decoder` from a local directory, a hub id, a `.gguf` file or an alias.
 
 Weights stream tensor by tensor into their target dtype and device: the model is built on the meta device
 and its parameters are assigned, so a bf16 load never holds a full fp32 copy in memory.
@@ -174,7 +174,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in Decoder(cfg).state_dict().items()}
 
 
-def load_model(
+def load_base_model(
     source: str | os.PathLike,
     *,
     dtype: torch.dtype | str | None = None,

@@ -1,4 +1,5 @@
-"""The parts a training run is built from: device, seeds, data (examples -> features) and the model to train."""
+"""The parts a training run is built from: device, seeds, data (examples -> features), the model to train, and
+`data.max_length` as the model's positions allow."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from qatune.data.prompts import PromptFormat, make_prompt_format
 from qatune.data.readers import DataReport, QAExample, load_examples, split_train_val
 from qatune.errors import ConfigError, DataError
 from qatune.lora.inject import apply_lora
-from qatune.models.loading import load_model, parse_dtype
+from qatune.models.loading import load_base_model, parse_dtype
 from qatune.training.config import DataSection, RunConfig
 from qatune.training.hf_backend import HFCausalLM, apply_peft_lora, load_hf_model
 from qatune.training.parallel import Dist
+
+DEFAULT_MAX_LENGTH = 512
 
 
 def pick_device(name: str, d: Dist) -> torch.device:
@@ -86,7 +89,27 @@ def prepare_data(d: DataSection, tokenizer: Any, seed: int) -> TrainingData:
     return TrainingData(train, val, val_ex, style, report, tokenizer.pad_token_id)
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence the model has positions for (native `Decoder` or a transformers model)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "max_positions"):
+        return config.max_positions
+    hf = getattr(getattr(model, "model", None), "config", None)
+    return getattr(hf, "n_positions", None) or getattr(hf, "max_position_embeddings", None)
+
+
+def resolve_max_length(max_length: int | None, limit: int | None) -> int:
+    """`data.max_length`: 512 by default (the model's position limit when lower); an explicit value above the
+    limit is refused, naming both (rows that long would index positions the model does not have)."""
+    if max_length is None:
+        return min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"data.max_length={max_length} is above the model's position limit of {limit} tokens; "
+                          f"use data.max_length={limit} or less")
+    return max_length
+
+
+def build_trainable_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     """The model to train, exposing `loss(batch, reduction)`: the native Decoder (+ LoRA), or transformers
     (+ peft) for `backend=hf`."""
     t = cfg.train
@@ -94,7 +117,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     if cfg.backend == "hf":
         model = load_hf_model(cfg.model, base_dtype or torch.float32, device)
         return HFCausalLM(apply_peft_lora(model, cfg.lora) if cfg.method == "lora" else model)
-    model = load_model(cfg.model, dtype=base_dtype, device=device, fast_path=t.fast_path)
+    model = load_base_model(cfg.model, dtype=base_dtype, device=device, fast_path=t.fast_path)
     if cfg.method == "lora":
         apply_lora(model, cfg.lora)
         for p in model.parameters():  # LoRA weights and their optimizer state stay fp32 under a low-precision base

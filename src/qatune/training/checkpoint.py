@@ -82,7 +82,7 @@ def step_dirs(root: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------- writing
 
 
-def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], *,
+def write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], *,
                     best: bool, keep: int) -> Path:
     """Write `root/step-NNNNNN` atomically, point `last` (and `best` when `best`) at it, rotate old ones.
 

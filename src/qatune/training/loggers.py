@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qatune.errors import ConfigError
-from qatune.utils.io import atomic_write_text, storage_error
-
-_RUN_IDS = "trackers.json"  # each tracker's run id, so a resumed training continues the same tracked run
+from qatune.runs.layout import RunDir
+from qatune.utils.io import storage_error
 
 
 class MetricLogger(Protocol):
@@ -58,17 +57,12 @@ def summary_figures(summary: dict[str, Any] | None) -> dict[str, float]:
 
 
 class JsonlLogger:
-    """`metrics.jsonl`: one JSON object per event. On resume, events after the checkpoint are dropped so the
-    file reads as one uninterrupted run."""
+    """`metrics.jsonl`: one JSON object per event, appended. It cuts nothing itself: before it opens, a resume has
+    cut the file back to what the checkpoint had seen (`RunDir.repair_metrics`, the one rule), and a fresh run
+    starts without one (a directory holding a run is refused or, with overwrite=true, cleared)."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path):
         self.path = path
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))  # a kill here must not lose the file
-        elif path.exists():
-            path.unlink()
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass  # config.yaml beside it already holds them
@@ -92,7 +86,7 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ConfigError("train.report_to=tensorboard needs tensorboard: pip install 'qatune[tensorboard]'") from e
-        self.writer = SummaryWriter(str(run.out / "tensorboard"))
+        self.writer = SummaryWriter(str(run.dir.tensorboard))
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in flatten(params).items()))
@@ -116,7 +110,7 @@ class MLflowLogger:
             raise ConfigError("train.report_to=mlflow needs MLflow: pip install 'qatune[mlflow]'") from e
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
-            uri = (run.out / "mlruns").resolve().as_uri()
+            uri = run.dir.mlruns.resolve().as_uri()
             # MLflow 3 keeps its file store only behind this opt-in; a local file store is what needs no
             # server or database here (set MLFLOW_TRACKING_URI for a server or sqlite://).
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -187,9 +181,9 @@ class WandbLogger:
 class RunInfo:
     """What trackers need to know about the run: its directory, name, group, and the tracked runs it had."""
 
-    def __init__(self, out: Path, group: str | None, resume: bool):
-        self.out, self.name, self.group = out, out.resolve().name, group
-        path = out / _RUN_IDS
+    def __init__(self, run: RunDir, group: str | None, resume: bool):
+        self.dir, self.out, self.name, self.group = run, run.path, run.path.resolve().name, group
+        path = run.trackers  # each tracker's run id, so that a resumed training continues the same tracked run
         self.ids: dict[str, str] = json.loads(path.read_text()) if resume and path.is_file() else {}
 
     def previous_id(self, tracker: str) -> str | None:
@@ -197,7 +191,7 @@ class RunInfo:
 
     def remember_id(self, tracker: str, run_id: str) -> None:
         self.ids[tracker] = run_id
-        (self.out / _RUN_IDS).write_text(json.dumps(self.ids, indent=2) + "\n")
+        self.dir.trackers.write_text(json.dumps(self.ids, indent=2) + "\n")
 
 
 TRACKERS: dict[str, Callable[[RunInfo], MetricLogger]] = {
@@ -221,13 +215,13 @@ class MetricsLog:
     """What the training loop writes to: `metrics.jsonl` plus every tracker asked for, on the main process only
     (`enabled=False` elsewhere: every call is then a no-op)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tensorboard: bool = False, *,
+    def __init__(self, run_dir: RunDir, enabled: bool, resume: bool, tensorboard: bool = False, *,
                  report_to: list[str] = (), group: str | None = None):
         self.loggers: list[MetricLogger] = []
         if not enabled:
             return
-        self.loggers.append(JsonlLogger(path, resume_step))
-        run = RunInfo(path.parent, group, resume=resume_step is not None)
+        self.loggers.append(JsonlLogger(run_dir.metrics))
+        run = RunInfo(run_dir, group, resume=resume)
         self.loggers += [TRACKERS[name](run) for name in report_targets(list(report_to), tensorboard)]
 
     def log_params(self, params: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@
     run_epoch        the epoch's batch plan, one optimizer step after another
     train_step       one optimizer step: micro-batches (accumulate, all ranks) -> clip -> step; a non-finite
                      loss or gradient stops the run before the step (divergence)
-    evaluate         validation loss (and generated answers), best tracking, early stopping, checkpoint
+    validate         validation loss (and generated answers), best tracking, early stopping, checkpoint
     save_checkpoint  trainable weights, optimizer, scheduler, scaler, RNG states and the `TrainState`
     finish           best weights -> result (peft adapter or Hugging Face model) + summary.json
 
@@ -43,18 +43,28 @@ from qatune.data.batching import collate_plan, count_tokens, plan_batches, to_de
 from qatune.errors import ConfigError, ModelError, TrainingError
 from qatune.evaluation.loss import evaluate_loss
 from qatune.evaluation.measure import generation_metrics, resolve_task
-from qatune.evaluation.model_card import write_model_card
 from qatune.lora.inject import count_parameters, format_parameter_count
 from qatune.models.loading import build_model as assemble_model
 from qatune.models.tokenizer import load_tokenizer
+from qatune.publish.model_card import write_model_card
+from qatune.runs.layout import RunDir
 from qatune.training import checkpoint as ckpt
-from qatune.training import rundir
-from qatune.training.build import LossModule, TrainingData, build_model, pick_device, prepare_data, seed_everything
+from qatune.training.build import (
+    LossModule,
+    TrainingData,
+    build_trainable_model,
+    pick_device,
+    position_limit,
+    prepare_data,
+    resolve_max_length,
+    seed_everything,
+)
 from qatune.training.config import RunConfig, save_config
 from qatune.training.loggers import MetricsLog
 from qatune.training.optim import autocast_factory, lr_factor, make_optimizer
 from qatune.training.parallel import Dist, Parallel, init_distributed
 from qatune.training.result import dir_size, peak_memory, save_result, write_summary
+from qatune.training.resume_check import check_resume_config, check_target
 from qatune.training.state import TrainState
 from qatune.utils.console import ProgressBar, console_printer
 from qatune.utils.lock import DirLock
@@ -91,8 +101,13 @@ class Recipe:
     lock: DirLock | None = None  # the run directory's lock, held by the main process from its first write to the end
 
     @property
+    def run(self) -> RunDir:
+        """The layout of `out`: every file name of the run."""
+        return RunDir(self.out)
+
+    @property
     def checkpoints(self) -> Path:
-        return self.out / "checkpoints"
+        return self.run.checkpoints
 
     def epoch_plan(self, epoch: int) -> list[list[list[int]]]:
         return epoch_plan(self.cfg, self.data, epoch)
@@ -134,13 +149,13 @@ def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
     if t.fsdp and d.world > 1 and t.eval_generate:
         raise ConfigError("train.eval_generate needs the whole model on rank 0; it does not combine with "
                           "train.fsdp (evaluate the result with `qatune eval` instead)")
-    rundir.check_target(cfg)
+    check_target(cfg)
     device = pick_device(t.device, d)
     say = console_printer(d.main)
     seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    model = build_model(cfg, device)  # before the data: its position limit bounds data.max_length
-    max_length = rundir.resolve_max_length(cfg.data.max_length, rundir.position_limit(model))
+    model = build_trainable_model(cfg, device)  # before the data: its position limit bounds data.max_length
+    max_length = resolve_max_length(cfg.data.max_length, position_limit(model))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=max_length))  # the caller's stays
     data = prepare_data(cfg.data, tokenizer, t.seed)
     say(f"Data: {len(data.train)} train / {len(data.val)} validation examples; {data.report.summary()}")
@@ -159,7 +174,7 @@ def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
     out = Path(cfg.out)
     recipe = Recipe(cfg, d, device, out, tokenizer, data, model, loss_module, par, optimizer, scheduler, scaler,
                     autocast_factory(device, t.precision), plan, param_counts, log=None, say=say)
-    lock = rundir.lock_run(out) if d.main else None
+    lock = recipe.run.lock() if d.main else None
     try:
         state = start_run(recipe)
         log = _open_log(recipe, state)
@@ -171,9 +186,8 @@ def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
 
 
 def _open_log(recipe: Recipe, state: TrainState) -> MetricsLog:
-    cfg, t, d, out = recipe.cfg, recipe.cfg.train, recipe.dist, recipe.out
-    log = MetricsLog(out / "metrics.jsonl", d.main, state.step if cfg.resume else None, t.tensorboard,
-                     report_to=t.report_to, group=t.run_group)
+    cfg, t, d = recipe.cfg, recipe.cfg.train, recipe.dist
+    log = MetricsLog(recipe.run, d.main, cfg.resume, t.tensorboard, report_to=t.report_to, group=t.run_group)
     log.log_params(cfg.to_dict())
     return log
 
@@ -202,15 +216,15 @@ def start_run(r: Recipe) -> TrainState:
         state, records = resume(r)
     else:
         if r.dist.main:
-            rundir.check_target(r.cfg)  # again, now that the lock keeps other writers out
+            check_target(r.cfg)  # again, now that the lock keeps other writers out
             if r.cfg.overwrite:
-                rundir.clear_previous_run(r.out)
+                r.run.clear()
         state, records = TrainState(), None
     if r.dist.main:
-        for name in rundir.remove_interrupted_writes(r.out):
+        for name in r.run.remove_interrupted_writes():
             r.say(f"Removed {r.out / name}: the temporary copy of a write that was interrupted")
-        save_config(r.cfg, r.out / "config.yaml")
-        rundir.repair_metrics(r.out / "metrics.jsonl", records, r.say)
+        save_config(r.cfg, r.run.config)
+        r.run.repair_metrics(records, r.say)
     return state
 
 
@@ -228,7 +242,7 @@ def resume(r: Recipe) -> tuple[TrainState, int]:
         r.say(f"resume=true but no checkpoint in {r.checkpoints}: starting from scratch")
         return TrainState(), 0
     weights, saved = ckpt.load_checkpoint(found)
-    rundir.check_resume_config(saved, r.cfg, r.dist.world, found, r.say)
+    check_resume_config(saved, r.cfg, r.dist.world, found, r.say)
     r.par.load_trainable_state(r.model, weights, str(found))
     r.par.load_optimizer_state(r.model, r.optimizer, saved["optimizer"])
     r.scheduler.load_state_dict(saved["scheduler"])
@@ -267,7 +281,7 @@ def run_epoch(r: Recipe, state: TrainState, progress: ProgressBar) -> None:
         loss, lr = train_step(r, state, list(itertools.islice(micro, group)))
         log_step(r, state, loss, lr, progress)
         evaluated = _due(t.eval_every, state.step)
-        if evaluated and evaluate(r, state):
+        if evaluated and validate(r, state):
             state.early_stopped = True
             return
         # The end-of-epoch evaluation below checkpoints this very step: saving it twice would only widen the
@@ -280,7 +294,7 @@ def run_epoch(r: Recipe, state: TrainState, progress: ProgressBar) -> None:
     if state.micro_in_epoch + group > len(plan):
         state.epoch += 1
         state.micro_in_epoch = 0
-    if not _due(t.eval_every, state.step) and evaluate(r, state):  # unless that just happened at this step
+    if not _due(t.eval_every, state.step) and validate(r, state):  # unless that just happened at this step
         state.early_stopped = True
 
 
@@ -371,7 +385,7 @@ def log_step(r: Recipe, state: TrainState, loss: float, lr: float, progress: Pro
 # ------------------------------------------------------------------------------ evaluate and checkpoint
 
 
-def evaluate(r: Recipe, state: TrainState) -> bool:
+def validate(r: Recipe, state: TrainState) -> bool:
     """Validation metrics, best tracking and a checkpoint; returns True when early stopping says stop."""
     t = r.cfg.train
     record = validation_metrics(r, state)
@@ -423,12 +437,12 @@ def save_checkpoint(r: Recipe, state: TrainState, best: bool) -> None:
     weights = r.par.trainable_state(r.model)
     optimizer = r.par.optimizer_state(r.model, r.optimizer)
     if r.dist.main:
-        ckpt.save_checkpoint(r.checkpoints, state.step, weights, {
+        ckpt.write_checkpoint(r.checkpoints, state.step, weights, {
             "optimizer": optimizer, "scheduler": r.scheduler.state_dict(), "scaler": r.scaler.state_dict(),
             "train_state": state.to_dict(),
             # what a resume checks (the config, the process count) and where it cuts metrics.jsonl back to
             "config": r.cfg.to_dict(), "world_size": r.dist.world,
-            "metrics_records": rundir.count_records(r.out / "metrics.jsonl"),
+            "metrics_records": r.run.count_metrics_records(),
         }, best=best, keep=r.cfg.train.keep_checkpoints)
     r.par.barrier()
 
@@ -451,10 +465,10 @@ def finish(r: Recipe, state: TrainState) -> dict[str, Any]:
         full = r.par.full_model_state(r.model)
         result_model = assemble_model(r.model.config, full) if r.dist.main else None
     if r.dist.main:
-        target = save_result(result_model, r.tokenizer, r.out, method=r.cfg.method, backend=r.cfg.backend,
-                             base_model=r.cfg.model)
+        target = save_result(result_model, r.tokenizer, r.run.result_for(r.cfg.method), method=r.cfg.method,
+                             backend=r.cfg.backend, base_model=r.cfg.model)
         summary["result_bytes"] = dir_size(target)
-        write_summary(r.out, summary)
+        write_summary(r.run.summary, summary)
         write_model_card(r.out)  # README.md beside the result: Hugging Face model card
         r.say(f"Done: {state.step} steps, best val loss {summary['best_val_loss']}, result in {r.out}")
     r.log.finish(summary)

@@ -16,13 +16,9 @@ from qatune.training.hf_backend import save_hf_result
 from qatune.utils.io import atomic_write_text
 
 
-def result_dir(out: Path, method: str) -> Path:
-    return out / ("adapter" if method == "lora" else "model")
-
-
-def save_result(model: nn.Module, tokenizer, out: Path, *, method: str, backend: str, base_model: str) -> Path:
-    """`out/adapter` (LoRA, peft format, with the tokenizer) or `out/model` (full, Hugging Face format)."""
-    target = result_dir(out, method)
+def save_result(model: nn.Module, tokenizer, target: Path, *, method: str, backend: str, base_model: str) -> Path:
+    """The result in `target` (`RunDir.result_for(method)`): a peft adapter with the tokenizer (LoRA) or a
+    Hugging Face checkpoint (full)."""
     if backend == "hf":
         save_hf_result(model.model, tokenizer, target, method)
     elif method == "lora":
@@ -32,8 +28,8 @@ def save_result(model: nn.Module, tokenizer, out: Path, *, method: str, backend:
     return target
 
 
-def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(summary, indent=2))
 
 
 def peak_memory(device: torch.device) -> int:

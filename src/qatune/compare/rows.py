@@ -15,7 +15,7 @@ SECOND_SCORE = {"qa": ("em", "EM"), "nlg": ("rouge_l", "ROUGE-L"), "mc": ("acc",
 
 
 @dataclass
-class Config:
+class ReportRow:
     """One row of the report: a baseline, or a (method, rank) configuration's runs over seeds."""
 
     method: str
@@ -46,11 +46,11 @@ class Config:
         return statistics.fmean(values) if values else None
 
 
-def group(results: dict[str, Any]) -> dict[str, list[Config]]:
+def group(results: dict[str, Any]) -> dict[str, list[ReportRow]]:
     """Rows grouped by base model, then by configuration, in sweep order (baselines first)."""
-    models: dict[str, dict[tuple, Config]] = {}
+    models: dict[str, dict[tuple, ReportRow]] = {}
     for row in results["runs"]:
         key = (row["method"], row["rank"], row.get("shots", 0))
         cells = models.setdefault(row["model"], {})
-        cells.setdefault(key, Config(row["method"], row["rank"], [], row.get("shots", 0))).rows.append(row)
+        cells.setdefault(key, ReportRow(row["method"], row["rank"], [], row.get("shots", 0))).rows.append(row)
     return {model: list(cells.values()) for model, cells in models.items()}

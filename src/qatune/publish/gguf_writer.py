@@ -31,8 +31,8 @@ from torch import Tensor
 
 from qatune.errors import ModelError
 from qatune.models.config import ModelConfig
-from qatune.models.gguf_vocab import gguf_vocab
 from qatune.models.weights import native_to_hf
+from qatune.publish.gguf_vocab import gguf_vocab
 from qatune.utils.io import write_file_atomically
 
 # --type choices: (tensor type of the matrices, general.file_type)

@@ -1,0 +1,60 @@
+"""Whether a run may start, continue or replace one in its directory, and what a resume may change.
+
+- `check_target` (before any work): `out` must not be a file, and a fresh run does not replace a directory that
+  already holds a run unless asked (`resume=true` continues it, `overwrite=true` replaces it).
+- `check_resume_config`: a resumed run must be the same run. Keys that shape the model, the data or the optimizer
+  state cannot change; the step budget, the evaluation and checkpoint cadence, early stopping and the learning-rate
+  schedule may, and are applied and logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qatune.errors import ConfigError
+from qatune.runs.layout import RunDir
+from qatune.training.config import RunConfig
+from qatune.training.loggers import flatten
+
+# Keys a resume may change: how long to train, how often to evaluate and save, early stopping, the learning-rate
+# schedule of the remaining steps, logging, and how the same computation is run. Every other key (model, method,
+# data, LoRA shape, seed, batch and accumulation, precision, optimizer settings) is the run's identity.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.patience", "train.min_delta",
+    "train.keep_checkpoints", "train.lr", "train.schedule", "train.warmup_steps", "train.min_lr_ratio",
+    "train.eval_generate", "train.log_every", "train.progress", "train.tensorboard", "train.report_to",
+    "train.run_group", "train.device", "train.compile", "train.fast_path", "train.gradient_checkpointing",
+}
+_NOT_COMPARED = {"out", "resume", "overwrite"}
+
+
+def check_target(cfg: RunConfig) -> None:
+    """Refuse an `out` that cannot be this run's directory, before anything is loaded or written."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is an existing file, not a run directory")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("resume=true continues the run in out, overwrite=true replaces it: choose one")
+    if not cfg.resume and not cfg.overwrite and RunDir(out).holds_run():
+        raise ConfigError(f"{out} already holds a run: pass resume=true to continue it, overwrite=true to replace "
+                          "it, or another out=")
+
+
+def check_resume_config(saved: dict[str, Any], cfg: RunConfig, world: int, where: Path,
+                        say: Callable[[str], None]) -> None:
+    """Refuse a resume whose config changes the run's identity (every difference listed in one message); log the
+    changes that a resume applies."""
+    before, now = flatten(saved["config"]), flatten(cfg.to_dict())
+    changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and k not in _NOT_COMPARED)
+    refused = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed if k not in RESUMABLE_CHANGES]
+    if saved.get("world_size", world) != world:
+        refused.append(f"processes: {saved['world_size']} -> {world} (the data position and optimizer state are "
+                       "laid out for the original number)")
+    if refused:
+        raise ConfigError(f"resume=true: the checkpoint {where} was trained with another configuration, and these "
+                          f"keys cannot change on resume: {'; '.join(refused)}. Resume with the original values, "
+                          "or start a new run (another out=, or overwrite=true)")
+    for k in changed:
+        say(f"resume: {k} {before[k]!r} -> {now[k]!r} (applied)")
