@@ -26,6 +26,7 @@ from qatune.generation.answer import answer_questions
 from qatune.generation.export import export_gguf
 from qatune.generation.runs import load_for_inference, merge_run, run_data_section
 from qatune.lora.adapters import load_adapter
+from qatune.models.device import usable_device
 from qatune.models.download import download
 from qatune.models.loading import load_model
 from qatune.models.tokenizer import load_tokenizer
@@ -65,6 +66,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    usable_device(args.device, "--device")  # before anything is read
     if args.out is None and not (Path(args.source) / "config.yaml").is_file():
         raise ConfigError(f"{args.source} is not a run directory: pass --out DIR for the results")
     if args.task == "mc":  # multiple choice: no generation, no prompt template (the query is the prompt)
@@ -89,6 +91,7 @@ def _ask(args: argparse.Namespace) -> int:
     question = " ".join(args.question).strip()
     if not question:  # refused before a model is loaded
         raise ConfigError("the question is empty")
+    usable_device(args.device, "--device")
     if args.adapter:
         model = load_model(args.model, dtype=args.dtype, device=args.device)
         load_adapter(model, args.adapter)

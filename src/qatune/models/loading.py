@@ -22,6 +22,7 @@ from torch import Tensor
 from qatune.errors import ModelError
 from qatune.models.config import ModelConfig, from_hf_config, read_json_object
 from qatune.models.decoder import Decoder
+from qatune.models.device import usable_device
 from qatune.models.gguf_reader import read_gguf
 from qatune.models.weights import hf_to_native
 
@@ -186,7 +187,7 @@ def load_model(
     A LoRA adapter goes on top with `qatune.lora.load_adapter` (or `qatune.load_model(..., adapter=)`).
     """
     dtype = parse_dtype(dtype)
-    device = torch.device(device or "cpu")
+    device = usable_device(device)  # an absent device fails here, not at the first tensor moved there
     resolved = resolve_source(source)
     if resolved.gguf_file:
         hf_cfg, tensors = read_gguf(resolved.gguf_path)
