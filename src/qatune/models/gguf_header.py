@@ -108,8 +108,12 @@ def check_gguf_header(path: Path) -> None:
 def _check(walk: _Walk) -> None:
     if walk.read("4s", "the magic number") != b"GGUF":
         raise walk.fail("it does not start with GGUF")
-    if walk.read("I", "the version") & 0xFFFF == 0:  # written on a big-endian machine
+    version = walk.read("I", "the version")
+    if version & 0xFFFF == 0:  # written on a big-endian machine
         walk.order = ">"
+        version = struct.unpack("<I", struct.pack(">I", version))[0]
+    if version not in (2, 3):  # version 1 counted in 32 bits: another layout
+        raise ModelError(f"GGUF file {walk.path} has version {version}; qatune reads versions 2 and 3")
     n_tensors = walk.count("the tensor count", _MIN_TENSOR_INFO)
     n_kv = walk.count("the key-value count", _MIN_KV)
     alignment = GGUF_DEFAULT_ALIGNMENT
