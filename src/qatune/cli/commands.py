@@ -24,6 +24,7 @@ from qatune.evaluation.multiple_choice import evaluate_multiple_choice
 from qatune.generation.answer import answer_questions
 from qatune.generation.runs import load_for_inference, run_data_section
 from qatune.lora.adapters import load_adapter
+from qatune.models.device import usable_device
 from qatune.models.loading import load_base_model
 from qatune.models.tokenizer import load_tokenizer
 from qatune.publish.gguf import export_gguf
@@ -66,6 +67,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    usable_device(args.device, "--device")  # before anything is read
     if args.out is None and not RunDir(args.source).config.is_file():
         raise ConfigError(f"{args.source} is not a run directory: pass --out DIR for the results")
     if args.task == "mc":  # multiple choice: no generation, no prompt template (the query is the prompt)
@@ -90,6 +92,7 @@ def _ask(args: argparse.Namespace) -> int:
     question = " ".join(args.question).strip()
     if not question:  # refused before a model is loaded
         raise ConfigError("the question is empty")
+    usable_device(args.device, "--device")
     if args.adapter:
         model = load_base_model(args.model, dtype=args.dtype, device=args.device)
         load_adapter(model, args.adapter)

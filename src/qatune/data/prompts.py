@@ -20,8 +20,10 @@ import string
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import jinja2  # transformers renders chat templates with it (a dependency of torch and transformers)
+
 from qatune.data.readers import QAExample
-from qatune.errors import ConfigError, DataError
+from qatune.errors import ConfigError, DataError, ModelError
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 PROMPT_FORMATS = ("auto", "plain", "chat")
@@ -59,16 +61,16 @@ class PromptTemplate:
 
     def __init__(self, template: str = DEFAULT_TEMPLATE) -> None:
         self.template = template
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        fields = _template_fields(template)
         unknown = set(fields) - _TEMPLATE_FIELDS
         if unknown:
             raise TemplateError(
-                f"template {template!r}: unknown field(s) {sorted(unknown)}; use {sorted(_TEMPLATE_FIELDS)}"
+                f"data.template {template!r}: unknown field(s) {sorted(unknown)}; use {sorted(_TEMPLATE_FIELDS)}"
             )
         if not template.endswith("{answer}") or fields.count("answer") != 1:
-            raise TemplateError(f"template {template!r} must contain {{answer}} exactly once, at the very end")
+            raise TemplateError(f"data.template {template!r} must contain {{answer}} exactly once, at the very end")
         if "question" not in fields:
-            raise TemplateError(f"template {template!r} must contain {{question}}")
+            raise TemplateError(f"data.template {template!r} must contain {{question}}")
         before = template[: -len("{answer}")]
         self._prompt = before.rstrip()
         self._separator = before[len(self._prompt) :]
@@ -92,6 +94,21 @@ class PromptTemplate:
         return f"PromptTemplate({self.template!r})"
 
 
+def _template_fields(template: str) -> list[str]:
+    """The field names of a plain template. A stray brace, a format spec or a conversion is a `TemplateError`:
+    fields are replaced by the text as it is (`{question:>99999999}` would pad a question to 100 MB)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:  # "Single '{' encountered in format string"
+        raise TemplateError(f"data.template {template!r}: {e} (write a literal brace twice: {{{{ or }}}})") from None
+    for _, name, spec, conversion in parsed:
+        if name is not None and (spec or conversion):
+            raise TemplateError(f"data.template {template!r}: field {{{name}}} has a format spec or conversion "
+                                f"({'!' + conversion if conversion else ''}{':' + spec if spec else ''}); "
+                                "fields are bare: {question}, {answer}, {context}")
+    return [name for _, name, _, _ in parsed if name is not None]
+
+
 class ChatFormat:
     """The tokenizer's chat template: user turn = question, assistant turn = answer (or a whole conversation).
 
@@ -106,9 +123,20 @@ class ChatFormat:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("data.prompt_format=chat: this tokenizer has no chat template (use plain)")
         self.tokenizer = tokenizer
+        self._template_name = f"the chat template of tokenizer {getattr(tokenizer, 'name_or_path', '') or '?'}"
 
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:
+        """The template's text for `messages`; a template that does not parse is a `ModelError`, one that
+        refuses the conversation (`raise_exception`, an undefined variable) a `DataError` at `where`."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                      tokenize=False)
+        except jinja2.TemplateSyntaxError as e:
+            raise ModelError(f"{self._template_name} does not parse (line {e.lineno}): {e.message}") from None
+        except jinja2.TemplateError as e:
+            first_line = (e.message or type(e).__name__).splitlines()[0]
+            raise DataError(f"{where + ': ' if where else ''}{self._template_name} refused the conversation: "
+                            f"{first_line}") from None
 
     def messages(self, ex: QAExample) -> list[dict[str, str]]:
         return ex.messages or [{"role": "user", "content": ex.question}, {"role": "assistant", "content": ex.answer}]
@@ -117,7 +145,7 @@ class ChatFormat:
         history = [turn for shot in shots for turn in self.messages(shot)[-2:]]  # each shot's last exchange
         question = self.messages(ex)[:-1]
         system = [question.pop(0)] if question and question[0]["role"] == "system" else []
-        return self._render(system + history + question, generation_prompt=True)
+        return self._render(system + history + question, generation_prompt=True, where=ex.source)
 
     def segments(self, ex: QAExample) -> list[tuple[str, bool]]:
         messages = self.messages(ex)
@@ -126,8 +154,8 @@ class ChatFormat:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self._render(messages[:i], generation_prompt=True)
-            through = self._render(messages[: i + 1], generation_prompt=False)
+            before = self._render(messages[:i], generation_prompt=True, where=ex.source)
+            through = self._render(messages[: i + 1], generation_prompt=False, where=ex.source)
             if not before.startswith(done) or not through.startswith(before):
                 raise DataError(f"{ex.source}: the chat template does not render this conversation as a growing "
                                 "prefix, so its assistant turns cannot be located")

@@ -27,7 +27,7 @@ from qatune.errors import ConfigError, ModelError
 from qatune.lora.inject import inject_lora, lora_layers, merged_state_dict
 from qatune.lora.layer import WHOLE, LoRAConfig, LoRALinear, LoRAPart
 from qatune.lora.targets import family_linears
-from qatune.models.config import ModelConfig
+from qatune.models.config import ModelConfig, read_json_object
 from qatune.models.saving import save_hf_checkpoint
 from qatune.models.weights import HF_BLOCK_PREFIX, hf_name_table, is_transposed, qkv_slice
 from qatune.utils.io import write_dir_atomically
@@ -202,10 +202,8 @@ def _peft_config(cfg: ModelConfig, config: LoRAConfig, pairs: dict[str, tuple[Te
 
 
 def _read_adapter_config(path: Path) -> dict:
-    try:
-        conf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON: {e}") from e
+    conf = read_json_object(path)
+    _check_adapter_fields(conf, path)
     if conf.get("peft_type", "LORA") != "LORA":
         raise ModelError(f"{path}: peft_type {conf['peft_type']!r} is not supported; qatune loads LORA adapters")
     used = [what for field, what in _UNSUPPORTED_FIELDS.items() if conf.get(field)]
@@ -218,6 +216,45 @@ def _read_adapter_config(path: Path) -> dict:
             "the adapter to plain LoRA first (peft's save_pretrained(path_initial_model_for_weight_conversion=...))"
         )
     return conf
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_POSITIVE_INT = ("a whole number >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+_POSITIVE = ("a number > 0", lambda v: _is_number(v) and v > 0)
+_STRING = ("a string", lambda v: isinstance(v, str))
+# adapter_config.json fields qatune reads: (what they must be, the check); a null is peft's default
+_FIELD_TYPES = {
+    "r": _POSITIVE_INT,
+    "lora_alpha": _POSITIVE,
+    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "bias": _STRING,
+    "peft_type": _STRING,
+}
+
+
+def _check_adapter_fields(conf: dict, path: Path) -> None:
+    """The types of the fields qatune reads: one `ModelError` naming the file and the field."""
+    for key, (what, ok) in _FIELD_TYPES.items():
+        if conf.get(key) is not None and not ok(conf[key]):
+            raise ModelError(f"{path}: field {key!r} must be {what}, got {conf[key]!r:.80}")
+    for key, (what, ok) in (("rank_pattern", _POSITIVE_INT), ("alpha_pattern", _POSITIVE)):
+        pattern = conf.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise ModelError(f"{path}: field {key!r} must be an object (module pattern -> value), "
+                             f"got {type(pattern).__name__}")
+        for module, value in pattern.items():
+            if not ok(value):
+                raise ModelError(f"{path}: {key}[{module!r:.80}] must be {what}, got {value!r:.80}")
+            try:
+                re.compile(module)
+            except re.error as e:
+                raise ModelError(f"{path}: {key} key {module!r:.80} is not a valid regular expression: {e}") from None
 
 
 def _read_adapter_weights(adapter_dir: Path) -> tuple[dict[str, Tensor], Path]:

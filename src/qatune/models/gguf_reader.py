@@ -18,6 +18,7 @@ from gguf.quants import dequantize
 from torch import Tensor
 
 from qatune.errors import ModelError
+from qatune.models.gguf_header import check_gguf_header
 
 _LLAMA_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -70,7 +71,10 @@ def open_gguf(path: Path) -> GGUFReader:
     """A reader of a complete GGUF file; a truncated (an interrupted download) or foreign file is one
     `ModelError` naming it, whatever part of the parse it breaks."""
     try:
+        check_gguf_header(path)  # counts and sizes the header declares, before GGUFReader trusts them
         reader = GGUFReader(str(path))
+    except ModelError:
+        raise
     except (OSError, ValueError, KeyError, IndexError, struct.error) as e:  # what a truncated or foreign file raises
         raise ModelError(f"cannot read GGUF file {path} (truncated, or not a GGUF file): {e}") from e
     size = Path(path).stat().st_size
@@ -86,7 +90,7 @@ def read_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, Tensor]]]:
     if arch not in ("llama", "gpt2"):
         raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama' and 'gpt2')")
     names = {t.name for t in reader.tensors}
-    hf_config = _llama_config(reader, names) if arch == "llama" else _gpt2_config(reader, names)
+    hf_config = _llama_config(reader, names, path) if arch == "llama" else _gpt2_config(reader, names, path)
     hf_config.update(
         tie_word_embeddings="output.weight" not in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
@@ -99,65 +103,103 @@ def read_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, Tensor]]]:
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
         for t in reader.tensors:
-            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-            w = w.reshape([int(x) for x in reversed(t.shape)])  # GGML lists dims fastest-first
-            if arch == "gpt2":
-                hf_name = _hf_name(t.name, _GPT2_NAMES, _GPT2_BLOCK, "transformer.h")
-                if _is_gpt2_conv1d(t.name):
-                    w = w.T
-            else:
-                hf_name = _hf_name(t.name, _LLAMA_NAMES, _LLAMA_BLOCK, "model.layers")
-                if ".attn_q." in t.name:
-                    w = _unpermute(w, n_head)
-                elif ".attn_k." in t.name:
-                    w = _unpermute(w, n_kv)
+            try:  # a shape that does not fit the header's head counts
+                hf_name, w = _hf_tensor(t, arch, n_head, n_kv)
+            except ValueError as e:
+                raise ModelError(f"{path}: tensor {t.name} {tuple(int(x) for x in t.shape)} does not fit the "
+                                 f"model's dimensions: {e}") from None
             yield hf_name, torch.from_numpy(np.array(w, dtype=np.float32))  # own, writable copy
 
     return hf_config, tensors()
 
 
-def _vocab_size(reader) -> int:
-    vocab = _field(reader, "llama.vocab_size")
-    if vocab is not None:
-        return int(vocab)
+def _hf_tensor(t, arch: str, n_head: int, n_kv: int) -> tuple[str, np.ndarray]:
+    """A GGUF tensor dequantised, with its Hugging Face name and layout."""
+    w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    w = w.reshape([int(x) for x in reversed(t.shape)])  # GGML lists dims fastest-first
+    if arch == "gpt2":
+        return _hf_name(t.name, _GPT2_NAMES, _GPT2_BLOCK, "transformer.h"), w.T if _is_gpt2_conv1d(t.name) else w
+    if ".attn_q." in t.name:
+        w = _unpermute(w, n_head)
+    elif ".attn_k." in t.name:
+        w = _unpermute(w, n_kv)
+    return _hf_name(t.name, _LLAMA_NAMES, _LLAMA_BLOCK, "model.layers"), w
+
+
+class _Keys:
+    """The GGUF's metadata as the numbers a config needs: a missing required key, a value of the wrong type or
+    a count below 1 is a `ModelError` naming the file and the key."""
+
+    def __init__(self, reader, path: Path):
+        self.reader, self.path = reader, path
+
+    def _get(self, key: str, default, kinds: tuple[type, ...], what: str):
+        value = _field(self.reader, key, default)
+        if value is None:
+            raise ModelError(f"{self.path}: GGUF key {key} is missing ({what})")
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise ModelError(f"{self.path}: GGUF key {key} must be {what}, got {value!r:.80}")
+        return value
+
+    def count(self, key: str, default=None) -> int:
+        value = self._get(key, default, (int,), "a whole number >= 1")
+        if value < 1:
+            raise ModelError(f"{self.path}: GGUF key {key} must be a whole number >= 1, got {value}")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        return float(self._get(key, default, (int, float), "a number"))
+
+
+def _vocab_size(reader, keys: _Keys) -> int:
+    if _field(reader, "llama.vocab_size") is not None:
+        return keys.count("llama.vocab_size")
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    return int(embed.shape[1]) if embed is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
+    if embed is not None and len(embed.shape) == 2:
+        return int(embed.shape[1])
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ModelError(f"{keys.path}: the vocabulary size is unknown: no token_embd.weight tensor and no "
+                         "tokenizer.ggml.tokens key")
+    return len(tokens.data)
 
 
-def _llama_config(reader, names: set[str]) -> dict:
-    n_head = int(_field(reader, "llama.attention.head_count"))
-    d_model = int(_field(reader, "llama.embedding_length"))
+def _llama_config(reader, names: set[str], path: Path) -> dict:
+    keys = _Keys(reader, path)
+    n_head = keys.count("llama.attention.head_count")
+    d_model = keys.count("llama.embedding_length")
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "vocab_size": _vocab_size(reader),
+        "vocab_size": _vocab_size(reader, keys),
         "hidden_size": d_model,
-        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, "llama.block_count")),
+        "intermediate_size": keys.count("llama.feed_forward_length"),
+        "num_hidden_layers": keys.count("llama.block_count"),
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", n_head)),
-        "head_dim": int(_field(reader, "llama.rope.dimension_count", d_model // n_head)),
-        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "num_key_value_heads": keys.count("llama.attention.head_count_kv", n_head),
+        "head_dim": keys.count("llama.rope.dimension_count", d_model // n_head or None),
+        "max_position_embeddings": keys.count("llama.context_length", 2048),
+        "rms_norm_eps": keys.number("llama.attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": keys.number("llama.rope.freq_base", 10000.0),
         "hidden_act": "silu",
         "attention_bias": "blk.0.attn_q.bias" in names,
         "mlp_bias": "blk.0.ffn_up.bias" in names,
     }
 
 
-def _gpt2_config(reader, names: set[str]) -> dict:
-    d_model = int(_field(reader, "gpt2.embedding_length"))
+def _gpt2_config(reader, names: set[str], path: Path) -> dict:
+    keys = _Keys(reader, path)
+    d_model = keys.count("gpt2.embedding_length")
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": _vocab_size(reader),
+        "vocab_size": _vocab_size(reader, keys),
         "n_embd": d_model,
-        "n_inner": int(_field(reader, "gpt2.feed_forward_length", 4 * d_model)),
-        "n_layer": int(_field(reader, "gpt2.block_count")),
-        "n_head": int(_field(reader, "gpt2.attention.head_count")),
-        "n_positions": int(_field(reader, "gpt2.context_length", 1024)),
-        "layer_norm_epsilon": float(_field(reader, "gpt2.attention.layer_norm_epsilon", 1e-5)),
+        "n_inner": keys.count("gpt2.feed_forward_length", 4 * d_model),
+        "n_layer": keys.count("gpt2.block_count"),
+        "n_head": keys.count("gpt2.attention.head_count"),
+        "n_positions": keys.count("gpt2.context_length", 1024),
+        "layer_norm_epsilon": keys.number("gpt2.attention.layer_norm_epsilon", 1e-5),
         "activation_function": "gelu_new",  # llama.cpp's gpt2 graph: GELU, tanh approximation
     }
 

@@ -7,7 +7,6 @@ and its parameters are assigned, so a bf16 load never holds a full fp32 copy in 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pickle
 from collections.abc import Iterator
@@ -21,8 +20,9 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from qatune.errors import ModelError
-from qatune.models.config import ModelConfig, from_hf_config
+from qatune.models.config import ModelConfig, from_hf_config, read_json_object
 from qatune.models.decoder import Decoder
+from qatune.models.device import usable_device
 from qatune.models.gguf_reader import read_gguf
 from qatune.models.weights import hf_to_native
 
@@ -105,10 +105,7 @@ def _snapshot_from_hub(repo_id: str) -> Path:
 
 
 def read_hf_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    return read_json_object(path / "config.json")
 
 
 def iter_hf_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
@@ -145,8 +142,8 @@ def _weight_files(path: Path) -> list[Path]:
         index = path / index_name
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
+                shards = sorted(set(read_json_object(index)["weight_map"].values()))
+            except (KeyError, AttributeError, TypeError) as e:  # no weight_map, or not a map of names
                 raise ModelError(f"{index} is not a valid shard index: {e}") from e
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
@@ -190,13 +187,13 @@ def load_base_model(
     A LoRA adapter goes on top with `qatune.lora.load_adapter` (or `qatune.load_model(..., adapter=)`).
     """
     dtype = parse_dtype(dtype)
-    device = torch.device(device or "cpu")
+    device = usable_device(device)  # an absent device fails here, not at the first tensor moved there
     resolved = resolve_source(source)
     if resolved.gguf_file:
         hf_cfg, tensors = read_gguf(resolved.gguf_path)
     else:
         hf_cfg, tensors = read_hf_config(resolved.path), iter_hf_tensors(resolved.path)
-    cfg = from_hf_config(hf_cfg)
+    cfg = from_hf_config(hf_cfg, str(resolved.gguf_path if resolved.gguf_file else resolved.path / "config.json"))
 
     def convert(t: Tensor) -> Tensor:
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, metadata_load
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.errors import HTTPError as HubHTTPLibraryError  # httpx's (hub >= 1.0) or requests' base error
 from huggingface_hub.utils import validate_repo_id
 
 from qatune.errors import ConfigError, ModelError
@@ -53,11 +54,18 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
               f"base_model {metadata.get('base_model')}, {n_metrics} model-index metrics)")
     if dry_run:
         return header
+    return f"{header}\ndone: {_upload(folder, repo_id, private, f'Upload {run.path.resolve().name} (qatune)')}"
+
+
+def _upload(folder: Path, repo_id: str, private: bool, message: str) -> str:
+    """Create `repo_id` if needed and upload `folder`; the commit's URL. No network, a refused login or a
+    failing Hub is one `ModelError` line."""
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   commit_message=f"Upload {run.path.resolve().name} (qatune)")
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelError(f"upload to {repo_id} failed: {e} (log in with `hf auth login` or set HF_TOKEN)") from e
-    return f"{header}\ndone: {getattr(commit, 'commit_url', commit)}"
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=message)
+    except (HfHubHTTPError, OSError, HubHTTPLibraryError) as e:  # OSError: offline mode, requests' connection errors
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ModelError(f"upload to {repo_id} failed ({type(e).__name__}: {reason}); check the network connection, "
+                         "and log in with `hf auth login` or set HF_TOKEN") from e
+    return str(getattr(commit, "commit_url", commit))

@@ -16,6 +16,7 @@ from qatune.data.prompts import PromptFormat, make_prompt_format
 from qatune.data.readers import DataReport, QAExample, load_examples, split_train_val
 from qatune.errors import ConfigError, DataError
 from qatune.lora.inject import apply_lora
+from qatune.models.device import usable_device
 from qatune.models.loading import load_base_model, parse_dtype
 from qatune.training.config import DataSection, RunConfig
 from qatune.training.hf_backend import HFCausalLM, apply_peft_lora, load_hf_model
@@ -24,8 +25,9 @@ from qatune.training.parallel import Dist
 DEFAULT_MAX_LENGTH = 512
 
 
-def pick_device(name: str, d: Dist) -> torch.device:
-    """`auto`: CUDA, else MPS (one process only), else CPU; with CUDA each process takes its local rank's GPU."""
+def pick_device(name: str, d: Dist, key: str = "train.device") -> torch.device:
+    """`auto`: CUDA, else MPS (one process only), else CPU; with CUDA each process takes its local rank's GPU.
+    A device this machine does not have is a `ConfigError` naming `key`."""
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -33,12 +35,11 @@ def pick_device(name: str, d: Dist) -> torch.device:
             name = "mps"
         else:
             name = "cpu"
+    device = usable_device(name, key)
     if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is available")
         torch.cuda.set_device(d.local_rank)
         return torch.device("cuda", d.local_rank)
-    return torch.device(name)
+    return device
 
 
 def seed_everything(seed: int) -> None:

@@ -1,4 +1,11 @@
-"""YAML read for configs and sweeps: a syntax error is one line, `file:line:column: problem`."""
+"""YAML read for configs and sweeps: a syntax error is one line, `file:line:column: problem`.
+
+What a few hundred bytes of YAML could otherwise make of a reader is refused before it is built: aliases
+(`*name`, the "billion laughs": nine lines that expand to a billion strings for whatever walks the result) and
+nesting deeper than `MAX_DEPTH` (Python's recursion limit). A NUL character in any value is refused with the
+key that holds it: no path or name may contain one, and the operating system would refuse it later with a
+traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +17,72 @@ import yaml
 
 from qatune.errors import ConfigError
 
+MAX_DEPTH = 64  # nested mappings/lists: a config needs 3
+
+
+class _Refused(Exception):
+    """Raised inside the loader; `parse_yaml` turns it into a located `ConfigError`."""
+
+    def __init__(self, mark: yaml.Mark | None, problem: str):
+        super().__init__(problem)
+        self.mark, self.problem = mark, problem
+
+
+class _QatuneLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses aliases and deep nesting while composing, before any value is built."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(event.start_mark, f"alias *{event.anchor} refused: YAML anchors and aliases have no use "
+                                             "in qatune files (write the value out)")
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(self.peek_event().start_mark, f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _where(source: str, mark: yaml.Mark | None) -> str:
+    return f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+
+
+def _nul_key(value: Any, key: str = "") -> str | None:
+    """The dotted key of the first string (key or value) holding a NUL character, or None."""
+    if isinstance(value, str):
+        return key if "\0" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        name = f"{key}.{k}" if key else str(k)
+        if isinstance(k, str) and "\0" in k:
+            return name
+        found = _nul_key(v, name)
+        if found is not None:
+            return found
+    return None
+
 
 def parse_yaml(text: str, source: str) -> Any:
-    """`yaml.safe_load(text)`; a syntax error becomes a `ConfigError` located at `source:line:column`."""
+    """`yaml.safe_load(text)` without aliases; a syntax error becomes a `ConfigError` located at
+    `source:line:column`."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.load(text, Loader=_QatuneLoader)  # a SafeLoader subclass: safe
+    except _Refused as e:
+        raise ConfigError(f"{_where(source, e.mark)}: {e.problem}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         context = getattr(e, "context", None)
-        raise ConfigError(f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")) from None
+        raise ConfigError(f"{_where(source, getattr(e, 'problem_mark', None))}: invalid YAML: {problem}"
+                          + (f" ({context})" if context else "")) from None
+    key = _nul_key(value)
+    if key is not None:
+        raise ConfigError(f"{source}: {key or 'the value'} holds a NUL character (\\0), which no path or name may "
+                          "contain")
+    return value
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
