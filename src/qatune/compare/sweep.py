@@ -4,8 +4,9 @@ A sweep names base models, methods (full, lora), LoRA ranks and seeds; the train
 (`base`, as a `train` config mapping, and `method_overrides`); a hyper-parameter `grid` per method, whose
 points are trained with the first seed and picked by their validation metric (`select`); baselines (the
 untrained model zero-shot, and `few_shot`: k solved training examples in the prompt); the test set (`eval`) and
-further sets (`extra_eval`: unseen QA sets for generalisation, multiple-choice sets for forgetting). Keys are
-documented in `configs/sweeps/*.yaml`; `run.py` carries a sweep out.
+further sets (`extra_eval`: unseen QA sets for generalisation, multiple-choice sets for forgetting). Every key is
+declared below (`SweepFile` and its sections: type, default, range, choices; read by utils/settings.py's loader,
+like a run config) and shown in use in `configs/sweeps/*.yaml`; `run.py` carries a sweep out.
 """
 
 from __future__ import annotations
