@@ -173,13 +173,14 @@ def test_gpt2_real_dims_recipe_count():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(r=0), "rank r must be a positive integer, got 0"),
-    (dict(r=-4), "rank r must be a positive integer, got -4"),
+    (dict(r=0), "lora.r must be >= 1, got 0"),
+    (dict(r=-4), "lora.r must be >= 1, got -4"),
+    (dict(r=2.5), "lora.r must be int, got 2.5"),
     (dict(alpha=0), "alpha must be > 0, got 0"),
     (dict(alpha=-1.5), "alpha must be > 0"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
     (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
-    (dict(bias="some"), "unknown LoRA bias mode 'some'; use one of none, all, lora_only"),
+    (dict(bias="some"), "lora.bias must be one of none, all, lora_only; got 'some'"),
 ])
 def test_bad_config_values_are_refused(kwargs, message):
     with pytest.raises(QatuneError, match=message):

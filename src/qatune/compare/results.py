@@ -8,6 +8,7 @@ memory, time, validation loss and curve), and what each evaluation measured, wit
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,16 @@ def selection_value(run_dir: Path, metric: str) -> float | None:
 
 def collect_results(sweep: Sweep, out: Path, picks: dict[tuple[str, str, int | None], Point]) -> dict[str, Any]:
     ev = sweep.eval
-    task = resolve_task(ev.get("task", "auto"), ev.get("format", "auto"), ev["data"])
+    task = resolve_task(ev.task, ev.format, ev.data)
     finals = sweep.finals(picks)
     rows = [_evaluated_row(sweep, out, run, task) for run in sweep.baselines() + finals]
     tried = [_candidate_row(sweep, out, run, run in finals) for run in sweep.candidates()]
     invocations = json.loads((out / "sweep.json").read_text())["invocations"]
     return {"sweep": sweep.name, "environment": machine_info(), "sweep_file": str(sweep.path),
-            "description": sweep.description, "task": task, "eval": ev, "extra_eval": sweep.extra_eval,
-            "base": sweep.base, "slices": sweep.slices, "seeds": sweep.seeds, "few_shot": sweep.few_shot,
-            "select_metric": sweep.select_metric,
+            "description": sweep.description, "task": task, "eval": asdict(ev),
+            "extra_eval": [asdict(spec) for spec in sweep.extra_eval], "base": sweep.base,
+            "slices": {name: asdict(spec) for name, spec in sweep.slices.items()}, "seeds": sweep.seeds,
+            "few_shot": sweep.few_shot, "select_metric": sweep.select_metric,
             "wall_time_s": sum(i["elapsed_s"] for i in invocations), "invocations": len(invocations),
             "training": _training_budget(out, sweep.candidates() + [r for r in finals if r not in sweep.candidates()]),
             "runs": rows, "selection": tried}
@@ -63,10 +65,10 @@ def _evaluated_row(sweep: Sweep, out: Path, run: Run, task: str) -> dict[str, An
     }
     row["empty_predictions"] = sum(not p["prediction"] for p in _predictions(run_dir.eval))
     for spec in sweep.extra_eval if run.method != "k-shot" else []:
-        where = run_dir.eval_named(spec["name"])
+        where = run_dir.eval_named(spec.name)
         extra = json.loads(where.metrics.read_text())
-        row["extra"][spec["name"]] = {k: v for k, v in extra.items() if isinstance(v, (int, float))}
-        row["item_scores"][spec["name"]] = _item_scores(where, spec["task"])
+        row["extra"][spec.name] = {k: v for k, v in extra.items() if isinstance(v, (int, float))}
+        row["item_scores"][spec.name] = _item_scores(where, spec.task)
     if run.trained:
         row.update(_training_facts(run_dir, run))
     return row

@@ -34,7 +34,17 @@ import yaml
 
 from qatune.compare.report import write_report
 from qatune.compare.results import collect_results, selection_value
-from qatune.compare.sweep import Point, Run, Sweep, confined, load_sweep, slice_paths, substitute, write_slices
+from qatune.compare.sweep import (
+    ExtraEval,
+    Point,
+    Run,
+    Sweep,
+    confined,
+    load_sweep,
+    slice_paths,
+    substitute,
+    write_slices,
+)
 from qatune.data.prompts import draw_shots
 from qatune.data.readers import load_examples
 from qatune.errors import ConfigError, QatuneError
@@ -141,14 +151,14 @@ def pick_point(scored: list[tuple[Run, float | None]], *, higher_is_better: bool
 def ensure_evaluated(sweep: Sweep, out: Path, run: Run, tag: str, started: float) -> None:
     """The test set (run_dir/eval) and every extra set (run_dir/eval-NAME), each skipped when already done."""
     run_dir = RunDir(out / "runs" / run.name)
-    todo = [(run_dir.eval, None)] + [(run_dir.eval_named(spec["name"]), spec) for spec in sweep.extra_eval
+    todo = [(run_dir.eval, None)] + [(run_dir.eval_named(spec.name), spec) for spec in sweep.extra_eval
                                      if run.method != "k-shot"]  # k-shot is a baseline of the test task only
     missing = [(where, spec) for where, spec in todo if not where.done()]
     if not missing:
         _log(f"{tag}: done, skipped")
         return
     for _, spec in missing:
-        _log(f"{tag}: evaluating on {spec['data'] if spec else sweep.eval['data']}")
+        _log(f"{tag}: evaluating on {spec.data if spec else sweep.eval.data}")
         if spec is None:
             _evaluate_test(sweep, run, run_dir)
         else:
@@ -164,29 +174,26 @@ def _evaluate_test(sweep: Sweep, run: Run, run_dir: RunDir) -> None:
     """A trained run in its own prompt format and max_length; a baseline in the sweep's (auto: the model's own)."""
     ev, data = sweep.eval, sweep.base.get("data", {})
     shots = _shots(sweep) if run.method == "k-shot" else []
-    evaluate(_source(run, run_dir), ev["data"], out_dir=run_dir.eval.path,
-             template=ev.get("template") or (None if run.trained else data.get("template")),
-             prompt_format=ev.get("prompt_format") or (None if run.trained else data.get("prompt_format")),
+    evaluate(_source(run, run_dir), ev.data, out_dir=run_dir.eval.path,
+             template=ev.template or (None if run.trained else data.get("template")),
+             prompt_format=ev.prompt_format or (None if run.trained else data.get("prompt_format")),
              shots=shots, max_length=None if run.trained else data.get("max_length"),
-             generation=GenerationConfig(**ev.get("generation", {})), batch_size=ev.get("batch_size", 16),
-             max_examples=ev.get("max_examples"), task=ev.get("task", "auto"), fmt=ev.get("format", "auto"),
-             loss=ev.get("loss", True), progress=False)
+             generation=GenerationConfig(**ev.generation), batch_size=ev.batch_size,
+             max_examples=ev.max_examples, task=ev.task, fmt=ev.format, loss=ev.loss, progress=False)
 
 
-def _evaluate_extra(sweep: Sweep, run: Run, run_dir: RunDir, spec: dict[str, Any]) -> None:
-    out_dir = run_dir.eval_named(spec["name"]).path
-    if spec["task"] == "mc":
-        evaluate_multiple_choice(_source(run, run_dir), spec["data"], out_dir=out_dir,
-                                 max_examples=spec.get("max_examples"), batch_size=spec.get("batch_size", 16),
-                                 progress=False)
+def _evaluate_extra(sweep: Sweep, run: Run, run_dir: RunDir, spec: ExtraEval) -> None:
+    out_dir = run_dir.eval_named(spec.name).path
+    if spec.task == "mc":
+        evaluate_multiple_choice(_source(run, run_dir), spec.data, out_dir=out_dir,
+                                 max_examples=spec.max_examples, batch_size=spec.batch_size, progress=False)
         return
     data = sweep.base.get("data", {})
-    evaluate(_source(run, run_dir), spec["data"], out_dir=out_dir,
+    evaluate(_source(run, run_dir), spec.data, out_dir=out_dir,
              template=None if run.trained else data.get("template"),
              prompt_format=None if run.trained else data.get("prompt_format"),
-             generation=GenerationConfig(**sweep.eval.get("generation", {})),
-             batch_size=spec.get("batch_size", 16), max_examples=spec.get("max_examples"), task=spec["task"],
-             fmt=spec.get("format", "auto"), loss=False, progress=False)
+             generation=GenerationConfig(**sweep.eval.generation), batch_size=spec.batch_size,
+             max_examples=spec.max_examples, task=spec.task, fmt=spec.format, loss=False, progress=False)
 
 
 def _shots(sweep: Sweep) -> list:

@@ -4,30 +4,31 @@ A sweep names base models, methods (full, lora), LoRA ranks and seeds; the train
 (`base`, as a `train` config mapping, and `method_overrides`); a hyper-parameter `grid` per method, whose
 points are trained with the first seed and picked by their validation metric (`select`); baselines (the
 untrained model zero-shot, and `few_shot`: k solved training examples in the prompt); the test set (`eval`) and
-further sets (`extra_eval`: unseen QA sets for generalisation, multiple-choice sets for forgetting). Keys are
-documented in `configs/sweeps/*.yaml`; `run.py` carries a sweep out.
+further sets (`extra_eval`: unseen QA sets for generalisation, multiple-choice sets for forgetting). Every key is
+declared below (`SweepFile` and its sections: type, default, range, choices; read by utils/settings.py's loader,
+like a run config) and shown in use in `configs/sweeps/*.yaml`; `run.py` carries a sweep out.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from qatune.data.readers import resolve_data
+from qatune.data.prompts import PROMPT_FORMATS
+from qatune.data.readers import FORMATS, resolve_data
 from qatune.errors import ConfigError
+from qatune.evaluation.measure import TASKS
 from qatune.generation.decode import GenerationConfig
 from qatune.training.state import EARLY_STOP_METRICS
 from qatune.utils.io import atomic_write_text
+from qatune.utils.settings import build, setting
 from qatune.utils.yamlfile import read_yaml_mapping
 
-SWEEP_KEYS = {"name", "description", "models", "methods", "ranks", "seeds", "zero_shot", "few_shot", "grid", "select",
-              "base", "method_overrides", "eval", "extra_eval", "slices"}
-EVAL_KEYS = {"data", "format", "max_examples", "task", "batch_size", "template", "generation", "loss", "prompt_format"}
-EXTRA_KEYS = {"name", "data", "format", "task", "max_examples", "batch_size"}
 EXTRA_TASKS = ("qa", "nlg", "mc")
 METHODS = ("full", "lora")
 Point = tuple[tuple[str, Any], ...]  # a grid point: (dotted config key, value) pairs
@@ -74,6 +75,73 @@ class Run:
         return f"{label}-{self.method}" + (f"-r{self.rank}" if self.rank else "") + tag + f"-s{self.seed}"
 
 
+class _SweepSection:
+    KIND: ClassVar[str] = "sweep"  # unknown keys are "unknown sweep key"s
+
+
+@dataclass
+class SelectSection(_SweepSection):
+    metric: str = setting("val_loss", choices=EARLY_STOP_METRICS,
+                          help="the validation metric that picks each configuration's grid point")
+
+
+@dataclass
+class EvalSection(_SweepSection):
+    """The test set and how it is scored (`generation`: GenerationConfig's options, checked when loaded)."""
+
+    data: str = setting(help="the test set (a file, `hf:NAME`, `slice:NAME`, ...); required")
+    format: str = setting("auto", choices=FORMATS)
+    task: str = setting("auto", choices=TASKS)
+    max_examples: int | None = setting(None, ge=1)
+    batch_size: int = setting(16, ge=1)
+    template: str | None = None
+    prompt_format: str | None = setting(None, choices=PROMPT_FORMATS)
+    generation: dict[str, Any] = field(default_factory=dict)
+    loss: bool = True
+
+
+@dataclass
+class ExtraEval(_SweepSection):
+    """A further set: unseen QA or NLG data (generalisation), or multiple choice (forgetting)."""
+
+    name: str = setting(help="a unique identifier; required")
+    data: str = setting(help="required")
+    format: str = setting("auto", choices=FORMATS)
+    task: str = setting("qa", choices=EXTRA_TASKS)
+    max_examples: int | None = setting(None, ge=1)
+    batch_size: int = setting(16, ge=1)
+
+
+@dataclass
+class SliceSpec(_SweepSection):
+    """Lines [start, stop) of a line-based file."""
+
+    source: str = setting(help="required")
+    start: int | None = setting(None, ge=0)
+    stop: int | None = setting(None, ge=0)
+
+
+@dataclass
+class SweepFile(_SweepSection):
+    """The keys of a sweep file, as written (`load_sweep` turns them into a `Sweep`)."""
+
+    models: list[str] = setting(help="base models; at least one; required")
+    eval: EvalSection = setting(help="required")
+    name: str | None = setting(None, help="default: the file's name")
+    description: str = ""
+    methods: list[str] = setting(default_factory=lambda: list(METHODS), choices=METHODS)
+    ranks: list[int] | None = setting(None, ge=1, help="LoRA ranks; default [8], or none with a lora.r grid")
+    seeds: list[int] = setting(default_factory=lambda: [0], ge=0)
+    zero_shot: bool = False
+    few_shot: int = setting(0, ge=0, help="k of the k-shot baseline; 0: none")
+    grid: dict[str, dict[str, list[Any]]] = setting(default_factory=dict, choices=METHODS)
+    select: SelectSection = field(default_factory=SelectSection)
+    base: dict[str, Any] = setting(default_factory=dict, help="the train config every run shares")
+    method_overrides: dict[str, dict[str, Any]] = setting(default_factory=dict, choices=METHODS)
+    extra_eval: list[ExtraEval] = field(default_factory=list)
+    slices: dict[str, SliceSpec] = field(default_factory=dict)
+
+
 @dataclass
 class Sweep:
     path: Path
@@ -89,9 +157,9 @@ class Sweep:
     select_metric: str
     base: dict[str, Any]
     method_overrides: dict[str, dict[str, Any]]
-    eval: dict[str, Any]
-    extra_eval: list[dict[str, Any]] = field(default_factory=list)
-    slices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval: EvalSection
+    extra_eval: list[ExtraEval] = field(default_factory=list)
+    slices: dict[str, SliceSpec] = field(default_factory=dict)
 
     def cells(self) -> list[tuple[str, str, int | None]]:
         return [(model, method, rank) for model in self.models for method in self.methods
@@ -134,32 +202,12 @@ class Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; every run's train config is validated (by `run.py`) before anything runs."""
     p = Path(path)
-    raw = read_yaml_mapping(p, "sweep", "sweep keys")
-    unknown = set(raw) - SWEEP_KEYS
-    if unknown:
-        raise ConfigError(f"{p}: unknown sweep key(s) {sorted(unknown)}; valid: {sorted(SWEEP_KEYS)}")
-    ev = raw.get("eval") or {}
-    if "data" not in ev or set(ev) - EVAL_KEYS:
-        raise ConfigError(f"{p}: `eval` needs `data` and takes only {sorted(EVAL_KEYS)}")
-    methods = raw.get("methods", list(METHODS))
-    if set(methods) - set(METHODS):
-        raise ConfigError(f"{p}: methods must be among {METHODS}, got {methods}")
-    models, seeds = raw.get("models") or [], raw.get("seeds", [0])
-    if not models:
-        raise ConfigError(f"{p}: `models` must list at least one model")
-    grid = {method: _grid_points(p, method, (raw.get("grid") or {}).get(method)) for method in methods}
-    uses_rank_grid = any(key == "lora.r" for point in grid.get("lora", [()]) for key, _ in point)
-    ranks = raw.get("ranks", [None] if uses_rank_grid else [8])
-    _check_lists(p, seeds=seeds, ranks=ranks, few_shot=raw.get("few_shot", 0), rank_grid=uses_rank_grid)
-    select = raw.get("select") or {}
-    metric = select.get("metric", "val_loss")
-    if set(select) - {"metric"} or metric not in EARLY_STOP_METRICS:
-        raise ConfigError(f"{p}: `select` takes `metric`, one of {', '.join(EARLY_STOP_METRICS)}")
-    sweep = Sweep(p, raw.get("name", p.stem), raw.get("description", ""), models, methods, ranks, seeds,
-                  bool(raw.get("zero_shot", False)), raw.get("few_shot", 0), grid, metric, raw.get("base") or {},
-                  raw.get("method_overrides") or {}, ev, _extra_evals(p, raw.get("extra_eval") or []),
-                  _check_slices(p, raw.get("slices") or {}))
-    GenerationConfig(**ev.get("generation", {}))  # fail now on a bad decoding option, not after training
+    try:
+        raw = build(SweepFile, read_yaml_mapping(p, "sweep", "sweep keys"))
+        build(GenerationConfig, raw.eval.generation, "eval.generation.")  # a bad decoding option fails now
+        sweep = _sweep(p, raw)
+    except ConfigError as e:
+        raise ConfigError(e.args[0] if e.args[0].startswith(str(p)) else f"{p}: {e}") from None
     for run in sweep.every_trainable() + sweep.baselines():  # run names become directory and file names
         if Path(run.name).name != run.name or run.name in ("", ".", ".."):
             raise ConfigError(f"{p}: run name {run.name!r} (from its model, method and grid values) is not a plain "
@@ -167,22 +215,36 @@ def load_sweep(path: str | Path) -> Sweep:
     return sweep
 
 
-def _check_slices(path: Path, slices: Any) -> dict[str, dict[str, Any]]:
+def _sweep(path: Path, raw: SweepFile) -> Sweep:
+    """The rules that tie keys together, and the grid expanded."""
+    for key in ("models", "methods", "seeds"):
+        if not getattr(raw, key):
+            raise ConfigError(f"`{key}` must list at least one value")
+    grid = {method: _grid_points(method, raw.grid.get(method)) for method in raw.methods}
+    uses_rank_grid = any(key == "lora.r" for point in grid.get("lora", [()]) for key, _ in point)
+    if uses_rank_grid and raw.ranks is not None:
+        raise ConfigError("give LoRA ranks either as `ranks` or in `grid.lora` (lora.r), not both")
+    ranks = raw.ranks if raw.ranks is not None else [None] if uses_rank_grid else [8]
+    if not ranks:
+        raise ConfigError("`ranks` must list at least one value")
+    names = [spec.name for spec in raw.extra_eval]
+    for i, name in enumerate(names):
+        if not name.replace("_", "").replace("-", "").isalnum() or name in names[:i]:
+            raise ConfigError(f"extra_eval[{i}].name {name!r} must be a unique identifier")
+    _check_slices(raw.slices)
+    return Sweep(path, raw.name or path.stem, raw.description, raw.models, raw.methods, ranks, raw.seeds,
+                 raw.zero_shot, raw.few_shot, grid, raw.select.metric, raw.base, raw.method_overrides, raw.eval,
+                 raw.extra_eval, raw.slices)
+
+
+def _check_slices(slices: dict[str, SliceSpec]) -> None:
     """Slice names are identifiers (each becomes `data/NAME<suffix>` inside --out), sources existing files."""
-    if not isinstance(slices, dict):
-        raise ConfigError(f"{path}: `slices` must map names to {{source, start, stop}}")
     for name, spec in slices.items():
-        if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name) or ".." in name:
-            raise ConfigError(f"{path}: slice name {name!r} must be an identifier (letters, digits, '_', '-', '.'; "
+        if not _IDENTIFIER.fullmatch(name) or ".." in name:
+            raise ConfigError(f"slice name {name!r} must be an identifier (letters, digits, '_', '-', '.'; "
                               "no path separators, no '..')")
-        if not isinstance(spec, dict) or "source" not in spec or set(spec) - {"source", "start", "stop"}:
-            raise ConfigError(f"{path}: slice {name} needs `source` and takes only `start` and `stop`")
-        bounds = [spec.get(k) for k in ("start", "stop")]
-        if any(v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in bounds):
-            raise ConfigError(f"{path}: slice {name}: `start` and `stop` must be line numbers, got {bounds}")
-        if not Path(resolve_data(spec["source"])).is_file():
-            raise ConfigError(f"{path}: slice {name}: source file not found: {spec['source']}")
-    return slices
+        if not Path(resolve_data(spec.source)).is_file():
+            raise ConfigError(f"slices.{name}.source: file not found: {spec.source}")
 
 
 def confined(root: Path, *parts: str) -> Path:
@@ -195,50 +257,20 @@ def confined(root: Path, *parts: str) -> Path:
     return path
 
 
-def _grid_points(path: Path, method: str, spec: Any) -> list[Point]:
+def _grid_points(method: str, spec: dict[str, list[Any]] | None) -> list[Point]:
     """`{train.lr: [1e-4, 3e-4], lora.alpha: [16, 32]}` -> every combination, in key order."""
     if spec is None:
         return [()]
-    if not isinstance(spec, dict) or not spec or not all(isinstance(v, list) and v for v in spec.values()):
-        raise ConfigError(f"{path}: grid.{method} must map dotted config keys to non-empty lists of values")
+    if not spec or not all(spec.values()):
+        raise ConfigError(f"grid.{method} must map dotted config keys to non-empty lists of values")
     keys = list(spec)
     return [tuple(zip(keys, values)) for values in itertools.product(*(spec[k] for k in keys))]
-
-
-def _check_lists(path: Path, *, seeds: Any, ranks: Any, few_shot: Any, rank_grid: bool) -> None:
-    def ints(values: Any) -> bool:
-        return isinstance(values, list) and bool(values) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in values)
-
-    if not ints(seeds):
-        raise ConfigError(f"{path}: `seeds` must be a non-empty list of integers, got {seeds!r}")
-    if rank_grid and ranks != [None]:
-        raise ConfigError(f"{path}: give LoRA ranks either as `ranks` or in `grid.lora` (lora.r), not both")
-    if not rank_grid and not (ints(ranks) and all(r > 0 for r in ranks)):
-        raise ConfigError(f"{path}: `ranks` must be a non-empty list of positive integers, got {ranks!r}")
-    if isinstance(few_shot, bool) or not isinstance(few_shot, int) or few_shot < 0:
-        raise ConfigError(f"{path}: `few_shot` must be a number of examples >= 0, got {few_shot!r}")
-
-
-def _extra_evals(path: Path, specs: Any) -> list[dict[str, Any]]:
-    if not isinstance(specs, list):
-        raise ConfigError(f"{path}: `extra_eval` must be a list of {{name, data, task, max_examples}}")
-    names = set()
-    for spec in specs:
-        if not isinstance(spec, dict) or {"name", "data"} - set(spec) or set(spec) - EXTRA_KEYS:
-            raise ConfigError(f"{path}: each extra_eval needs `name` and `data` and takes only {sorted(EXTRA_KEYS)}")
-        if not str(spec["name"]).replace("_", "").replace("-", "").isalnum() or spec["name"] in names:
-            raise ConfigError(f"{path}: extra_eval name {spec['name']!r} must be a unique identifier")
-        if spec.get("task", "qa") not in EXTRA_TASKS:
-            raise ConfigError(f"{path}: extra_eval {spec['name']}: task must be one of {', '.join(EXTRA_TASKS)}")
-        names.add(spec["name"])
-    return [dict(spec, task=spec.get("task", "qa")) for spec in specs]
 
 
 def slice_paths(sweep: Sweep, data_dir: Path) -> dict[str, str]:
     """`slice:NAME` -> the file `write_slices` writes it to (`data/NAME<suffix>`, checked to lie inside
     `data_dir`); nothing is written."""
-    return {f"slice:{name}": str(confined(data_dir, f"{name}{Path(resolve_data(spec['source'])).suffix}"))
+    return {f"slice:{name}": str(confined(data_dir, f"{name}{Path(resolve_data(spec.source)).suffix}"))
             for name, spec in sweep.slices.items()}
 
 
@@ -247,8 +279,8 @@ def write_slices(sweep: Sweep, data_dir: Path) -> dict[str, str]:
     written to `data/NAME<suffix>` so that `slice:NAME` can stand for a fixed, documented split."""
     paths = slice_paths(sweep, data_dir)
     for name, spec in sweep.slices.items():
-        source = Path(resolve_data(spec["source"]))
-        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[spec.get("start", 0):spec.get("stop")]
+        source = Path(resolve_data(spec.source))
+        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[spec.start or 0:spec.stop]
         target = Path(paths[f"slice:{name}"])
         data_dir.mkdir(parents=True, exist_ok=True)
         if not target.is_file() or target.read_text(encoding="utf-8") != "".join(lines):
@@ -257,7 +289,10 @@ def write_slices(sweep: Sweep, data_dir: Path) -> dict[str, str]:
 
 
 def substitute(node: Any, paths: dict[str, str]) -> Any:
-    """`slice:NAME` strings anywhere in a config replaced by the slice's file."""
+    """`slice:NAME` strings anywhere in a config or sweep section replaced by the slice's file."""
+    if dataclasses.is_dataclass(node):
+        return dataclasses.replace(node, **{f.name: substitute(getattr(node, f.name), paths)
+                                            for f in dataclasses.fields(node)})
     if isinstance(node, dict):
         return {k: substitute(v, paths) for k, v in node.items()}
     if isinstance(node, list):

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from qatune.errors import ConfigError
 from qatune.models.fast_ops import make_dropout
+from qatune.utils.settings import check_fields, setting
 
 BIAS_MODES = ("none", "all", "lora_only")
 WHOLE = "all"  # part name of a pair that covers every output row of its layer
@@ -27,24 +28,16 @@ class LoRAConfig:
     `bias`: "none" trains no bias, "all" every bias of the model, "lora_only" the biases of adapted layers
     (peft's meanings, so the counts and saved adapters match peft's)."""
 
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.1
-    targets: list[str] | None = None
+    r: int = setting(8, ge=1, help="rank")
+    alpha: float = setting(16, gt=0, help="scaling = alpha / r (alpha / sqrt(r) with use_rslora)")
+    dropout: float = setting(0.1, ge=0, lt=1)
+    targets: list[str] | None = setting(None, help="layer names (q, v, c_attn, all-linear, ...); default: the "
+                                        "family's")
     use_rslora: bool = False
-    bias: str = "none"
+    bias: str = setting("none", choices=BIAS_MODES)
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            self.targets = [self.targets]
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.bias not in BIAS_MODES:
-            raise ConfigError(f"unknown LoRA bias mode {self.bias!r}; use one of {', '.join(BIAS_MODES)}")
+        check_fields(self, "lora.")  # the declared types and ranges, also when built in code (adapters.py)
         if self.targets is not None and not self.targets:
             raise ConfigError("LoRA targets is empty; leave it unset for the model family's default")
 

@@ -15,18 +15,11 @@ from typing import Any
 
 from qatune.errors import ConfigError
 from qatune.runs.layout import RunDir
-from qatune.training.config import RunConfig
+from qatune.training.config import RunConfig, resumable_keys
 from qatune.training.loggers import flatten
 
-# Keys a resume may change: how long to train, how often to evaluate and save, early stopping, the learning-rate
-# schedule of the remaining steps, logging, and how the same computation is run. Every other key (model, method,
-# data, LoRA shape, seed, batch and accumulation, precision, optimizer settings) is the run's identity.
-RESUMABLE_CHANGES = {
-    "train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.patience", "train.min_delta",
-    "train.keep_checkpoints", "train.lr", "train.schedule", "train.warmup_steps", "train.min_lr_ratio",
-    "train.eval_generate", "train.log_every", "train.progress", "train.tensorboard", "train.report_to",
-    "train.run_group", "train.device", "train.compile", "train.fast_path", "train.gradient_checkpointing",
-}
+# Where the run lives and how it was started are not part of its identity. Which other keys a resume may change
+# is declared on the config's fields (`resumable=True`, training/config.py).
 _NOT_COMPARED = {"out", "resume", "overwrite"}
 
 
@@ -48,7 +41,8 @@ def check_resume_config(saved: dict[str, Any], cfg: RunConfig, world: int, where
     changes that a resume applies."""
     before, now = flatten(saved["config"]), flatten(cfg.to_dict())
     changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and k not in _NOT_COMPARED)
-    refused = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed if k not in RESUMABLE_CHANGES]
+    resumable = resumable_keys()
+    refused = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed if k not in resumable]
     if saved.get("world_size", world) != world:
         refused.append(f"processes: {saved['world_size']} -> {world} (the data position and optimizer state are "
                        "laid out for the original number)")
