@@ -58,9 +58,12 @@ def test_bench_cli_writes_every_configuration_as_json(tmp_path, one_thread):
 @pytest.mark.slow
 def test_bench_compile_backends(one_thread):
     """torch.compile on CPU takes about 90 s for the tiny shape with a cold inductor cache (seconds when warm)."""
-    report = run_bench(BenchConfig(shapes=["tiny"], methods=["lora"], backends=["native-compile", "hf-compile"],
-                                   batch=2, seq=32, steps=1, warmup=1, device="cpu", threads=1))
+    backends = ["native", "native-compile", "native-fast", "native-fast-compile", "hf", "hf-compile"]
+    report = run_bench(BenchConfig(shapes=["tiny"], methods=["lora"], backends=backends, batch=2, seq=32, steps=1,
+                                   warmup=1, device="cpu", threads=1))
     assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in report["results"])
+    assert {(r["compiled"], r["eager"]) for r in report["compile_ratios"]} == {
+        ("native-compile", "native"), ("native-fast-compile", "native-fast"), ("hf-compile", "hf")}
 
 
 def test_bench_real_data_compares_padding_and_packing(one_thread):

@@ -36,7 +36,7 @@ SHAPES: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
 }
 METHODS = ("full", "lora")
-BACKENDS = ("native", "native-fast", "native-compile", "hf", "hf-compile")
+BACKENDS = ("native", "native-fast", "native-compile", "native-fast-compile", "hf", "hf-compile")
 STRATEGIES = ("pad-to-longest", "dynamic", "packing")
 GPT2_VOCAB = 50257
 LORA = dict(r=8, alpha=16.0, dropout=0.1, targets=["c_attn"])  # the baseline recipe's adapter
