@@ -111,8 +111,8 @@ def attention_mask_4d(
 
 
 class Attention(nn.Module):
-    """`cpu_kernels=True` (the fast path on CPU): without a cache, attention is `fast_ops.explicit_attention`
-    and dropout `fast_ops`'; otherwise SDPA and `nn.Dropout`."""
+    """`cpu_kernels=True` (the fast path on CPU): `fast_ops`' dropout, and attention without a KV cache as
+    `fast_ops.explicit_attention`; otherwise `nn.Dropout` and SDPA."""
 
     def __init__(self, cfg: ModelConfig, cpu_kernels: bool = False):
         super().__init__()
