@@ -74,6 +74,10 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
+    def cached(self, layer: int) -> int:
+        """Positions cached for `layer` (during a forward, earlier layers already hold the new ones)."""
+        return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.keys[layer] is not None:
             k = torch.cat((self.keys[layer], k), dim=2)
@@ -141,7 +145,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
         if kv_cache is not None:
-            past = kv_cache.length
+            past = kv_cache.cached(layer)
             k, v = kv_cache.update(layer, k, v)
         if cfg.n_kv_head != cfg.n_head:  # grouped-query attention: each kv head serves n_head/n_kv_head queries
             k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
