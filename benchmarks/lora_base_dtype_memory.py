@@ -17,6 +17,8 @@ from datetime import date
 
 RUN = """
 import json, resource, sys, torch, transformers
+from qatune.data.batching import label_positions
+from qatune.evaluation.loss import model_loss
 from qatune.models.decoder import Decoder
 from qatune.models.config import from_hf_config
 from qatune.lora import LoRAConfig, apply_lora, count_parameters
@@ -33,10 +35,11 @@ for p in model.parameters():
         p.data = p.data.float()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.01)
 ids = torch.randint(0, cfg.vocab_size, (4, 128))
+batch = {"input_ids": ids, **label_positions(ids)}
 model.train()
 for _ in range(steps):
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = model.loss({"input_ids": ids, "labels": ids})
+        loss = model_loss(model, batch) / batch["loss_targets"].numel()
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

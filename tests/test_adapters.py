@@ -12,6 +12,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from qatune import QatuneError, count_parameters, load_model
+from qatune.data.batching import label_positions
+from qatune.evaluation.loss import model_loss
 from qatune.lora import LoRAConfig, apply_lora, lora_layers
 from qatune.lora.adapters import load_adapter, save_adapter, save_merged
 from qatune.publish.merge import merge_run
@@ -43,7 +45,8 @@ def _train(model, steps: int = 3):
     model.train()
     for _ in range(steps):
         ids = torch.randint(0, VOCAB, (2, 12))
-        loss, _ = model.loss({"input_ids": ids, "labels": ids})
+        batch = {"input_ids": ids, **label_positions(ids)}
+        loss = model_loss(model, batch) / batch["loss_targets"].numel()  # the mean
         loss.backward()
         opt.step()
         opt.zero_grad()

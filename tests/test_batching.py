@@ -139,7 +139,10 @@ def test_collate_right_padding():
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
-    assert all(t.dtype == torch.long and t.shape == (2, 3) for t in batch.values())
+    grid = ("input_ids", "labels", "attention_mask", "position_ids")
+    assert all(batch[k].dtype == torch.long and batch[k].shape == (2, 3) for k in grid)
+    # the loss's gather: flat positions (row * 3 + t) that predict a label, and those labels
+    assert batch["loss_positions"].tolist() == [0, 1] and batch["loss_targets"].tolist() == [6, 7]
 
 
 def test_collate_left_padding_to_a_multiple():
@@ -148,6 +151,7 @@ def test_collate_left_padding_to_a_multiple():
     assert batch["labels"].tolist() == [[-100, -100, 6, 7], [-100, -100, -100, 9]]
     assert batch["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]
     assert batch["position_ids"].tolist() == [[0, 0, 1, 2], [0, 0, 0, 1]]
+    assert batch["loss_positions"].tolist() == [1, 2, 6] and batch["loss_targets"].tolist() == [6, 7, 9]
 
 
 def test_collate_never_trains_a_row_first_token_even_with_full_labels():
@@ -177,6 +181,8 @@ def test_collate_packed_by_hand():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     assert batch["doc_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch["loss_positions"].tolist() == [0, 1, 3, 6, 7]
+    assert batch["loss_targets"].tolist() == [11, 12, 21, 32, 33]
 
 
 def test_packed_rows_hold_every_token_once_with_per_document_positions(any_tokenizer):

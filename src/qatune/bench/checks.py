@@ -20,6 +20,7 @@ from qatune.bench.setups import (
     sync,
     synthetic_batch,
 )
+from qatune.data.batching import label_positions
 from qatune.training.build import pick_device
 from qatune.training.parallel import Dist
 
@@ -37,6 +38,7 @@ def fast_path_agreement(shape: str = "gpt2", methods: tuple[str, ...] = METHODS,
     data = [synthetic_batch(batch, seq, seed + i) for i in range(4)]
     for b in data:
         b["labels"][:, : seq // 2] = -100  # a prompt half without labels, as answer-only QA
+        b.update(label_positions(b["labels"]))
     out: dict[str, Any] = {"max_rel_diff": {}, "shape": shape, "precision": precision, "steps": steps,
                            "device": str(dev), "losses": {}}
     for method in methods:

@@ -6,8 +6,10 @@ machine's speed during the run (clock, thermal state, other jobs) affects all of
 `train_model` does per micro-batch: forward under autocast, backward, AdamW step (fused on CUDA), zero_grad.
 
 Backends: `native` (the reference eager path of `models/decoder.py`), `native-fast` (`Decoder(fast_path=True)`,
-`models/fast_ops.py`), `native-compile` (`torch.compile` of the loss module, as `train.compile=true`), `hf`
-(transformers `GPT2LMHeadModel` + peft, the baseline recipe: fp32 weights, bf16 autocast, SDPA) and `hf-compile`.
+`models/fast_ops.py`), `native-compile` and `native-fast-compile` (`torch.compile` of the loss module, as
+`train.compile=true` with `train.fast_path` false / true), `hf` (transformers `GPT2LMHeadModel` + peft, the
+baseline recipe: fp32 weights, bf16 autocast, SDPA) and `hf-compile`. Each `-compile` backend is also compared
+with its eager twin (`compile_ratios`), measured side by side in the same rounds.
 
 Reported per configuration: non-padding tokens/s (total tokens / total step time), step time (median, min, max,
 raw list), peak memory (CUDA: `max_memory_allocated` during its warm-up, minus what was allocated before it was
@@ -188,6 +190,17 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def compile_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """tokens/s of each `X-compile` backend over its eager `X`, within one (shape, method, strategy)."""
+    speed = {(r["shape"], r["method"], r["strategy"], r["backend"]): r["tokens_per_s"] for r in results
+             if r.get("tokens_per_s")}
+    return [{"shape": shape, "method": method, "strategy": strategy, "compiled": backend,
+             "eager": backend.removesuffix("-compile"),
+             "ratio": tokens_per_s / speed[(shape, method, strategy, backend.removesuffix("-compile"))]}
+            for (shape, method, strategy, backend), tokens_per_s in speed.items()
+            if backend.endswith("-compile") and (shape, method, strategy, backend.removesuffix("-compile")) in speed]
+
+
 def strategy_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Real data: tokens/s of each batching strategy over `pad-to-longest`, per (shape, method, backend)."""
     reference = {(r["shape"], r["method"], r["backend"]): r["tokens_per_s"] for r in results
@@ -265,6 +278,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
         "real_data": data_info,
         "results": results,
         "ratios": ratios(results),
+        "compile_ratios": compile_ratios(results),
         "strategy_ratios": strategy_ratios(results),
     }
 
@@ -272,7 +286,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
 def _build(backend: str, hf_config, state: dict[str, Tensor], device: torch.device, method: str) -> nn.Module:
     if backend.startswith("hf"):
         return build_hf(hf_config, state, device, method)
-    return build_native(hf_config, state, device, method, fast_path=backend == "native-fast")
+    return build_native(hf_config, state, device, method, fast_path=backend.startswith("native-fast"))
 
 
 def print_table(report: dict[str, Any], console) -> None:
@@ -316,6 +330,9 @@ def bench_command(args) -> int:
     for r in report["ratios"]:
         console.print(f"{r['shape']}/{r['method']}{'/' + r['strategy'] if r['strategy'] else ''}: "
                       f"{r['native']} / {r['baseline']} = {r['ratio']:.2f}x tokens/s", highlight=False)
+    for r in report["compile_ratios"]:
+        console.print(f"{r['shape']}/{r['method']}{'/' + r['strategy'] if r['strategy'] else ''}: "
+                      f"{r['compiled']} / {r['eager']} = {r['ratio']:.2f}x tokens/s", highlight=False)
     for r in report["strategy_ratios"]:
         console.print(f"{r['shape']}/{r['method']}/{r['backend']}: {r['strategy']} / pad-to-longest = "
                       f"{r['ratio']:.2f}x tokens/s", highlight=False)

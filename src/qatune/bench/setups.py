@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qatune.data.batching import batches, encode_dataset, padding_efficiency, to_device
+from qatune.data.batching import batches, count_tokens, encode_dataset, label_positions, padding_efficiency, to_device
 from qatune.data.prompts import PromptTemplate
 from qatune.data.readers import DataReport, load_examples
 from qatune.errors import ConfigError
@@ -36,7 +36,7 @@ SHAPES: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
 }
 METHODS = ("full", "lora")
-BACKENDS = ("native", "native-fast", "native-compile", "hf", "hf-compile")
+BACKENDS = ("native", "native-fast", "native-compile", "native-fast-compile", "hf", "hf-compile")
 STRATEGIES = ("pad-to-longest", "dynamic", "packing")
 GPT2_VOCAB = 50257
 LORA = dict(r=8, alpha=16.0, dropout=0.1, targets=["c_attn"])  # the baseline recipe's adapter
@@ -101,7 +101,7 @@ def build_native(hf_config, state: dict[str, Tensor], device: torch.device, meth
     method=lora, as `training.build.build_trainable_model` makes it; `fast_path` as `train.fast_path`."""
 
     with torch.device(device):
-        model = Decoder(from_hf_config(hf_config.to_dict()), fast_path=fast_path)
+        model = Decoder(from_hf_config(hf_config.to_dict()), fast_path=fast_path, device=device)
     model.load_state_dict(state)
     if method == "lora":
         apply_lora(model, LoRAConfig(**LORA))
@@ -153,7 +153,7 @@ def synthetic_batch(batch: int, seq: int, seed: int) -> dict[str, Tensor]:
     """Uniform random tokens, every position real and labelled."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, GPT2_VOCAB, (batch, seq), generator=g)
-    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids), **label_positions(ids)}
 
 
 def real_data_batches(cfg: BenchConfig) -> tuple[dict[str, list[dict[str, Tensor]]], dict[str, Any]]:
@@ -206,9 +206,9 @@ def make_step(model: nn.Module, backend: str, method: str, device: torch.device,
     dtype = torch.bfloat16 if precision == "bf16" else None
 
     def step(batch: dict[str, Tensor]) -> Tensor:
+        n = count_tokens(batch).label_tokens  # on the host, as the trainer knows it from its plan
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss_sum, n = loss_module(to_device(batch, device))
-            loss = loss_sum / max(n, 1)
+            loss = loss_module(to_device(batch, device)) / max(n, 1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -147,7 +147,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--shapes", default="gpt2", help="comma list of tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     p.add_argument("--methods", default="full,lora", help="comma list of full, lora")
     p.add_argument("--backends", default="native,native-fast,hf",
-                   help="comma list of native, native-fast, native-compile, hf, hf-compile")
+                   help="comma list of native, native-fast, native-compile, native-fast-compile, hf, hf-compile")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=512, help="tokens per row (synthetic) / max_length (real data)")
     p.add_argument("--steps", type=int, default=10, help="measured steps per configuration")

@@ -92,6 +92,16 @@ def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
 
+def label_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where the loss is computed, found once on the host so that the training step has no data-dependent shape
+    and no host sync: `loss_positions`, the flat indices (into the `[B * T]` positions) of the positions that
+    predict a label (position t predicts `labels[t + 1]`), in row-major order, and `loss_targets`, those labels.
+    `collate` and `collate_packed` add them; a batch built by hand adds `**label_positions(labels)`."""
+    keep = labels[:, 1:] != IGNORE_INDEX
+    rows, cols = keep.nonzero(as_tuple=True)
+    return {"loss_positions": rows * labels.shape[1] + cols, "loss_targets": labels[:, 1:][keep]}
+
+
 def collate(
     features: Sequence[Feature],
     pad_id: int,
@@ -99,7 +109,8 @@ def collate(
     padding_side: str = "right",
 ) -> dict[str, torch.Tensor]:
     """Dynamic padding to the longest feature: `input_ids`, `labels` (-100 on pads), `attention_mask`
-    (1 = real) and `position_ids` (real tokens 0..n-1 whatever the side, pads 0), all [B, T] long.
+    (1 = real) and `position_ids` (real tokens 0..n-1 whatever the side, pads 0), all [B, T] long; and the
+    loss's `loss_positions` and `loss_targets` (`label_positions`).
 
     A row's first real label is set to -100, as for packed documents: nothing real precedes it, and with left
     padding the shifted loss would otherwise train a pad to predict it."""
@@ -119,7 +130,8 @@ def collate(
         for key, values in real.items():
             padding = [pads[key]] * (width - n)
             rows[key].append(values + padding if padding_side == "right" else padding + values)
-    return {key: torch.tensor(value, dtype=torch.long) for key, value in rows.items()}
+    batch = {key: torch.tensor(value, dtype=torch.long) for key, value in rows.items()}
+    return batch | label_positions(batch["labels"])
 
 
 def pack(features: Sequence[Feature], max_length: int) -> list[list[Feature]]:
@@ -150,7 +162,8 @@ def collate_packed(
     rows: Sequence[Sequence[Feature]], pad_id: int, pad_to_multiple_of: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Packed rows -> `input_ids`, `labels`, `position_ids` (restart at 0 per document), `doc_ids` (0.. per row,
-    -1 on padding), `attention_mask`, all [B, T] long, right-padded to the longest row.
+    -1 on padding), `attention_mask`, all [B, T] long, right-padded to the longest row; and the loss's
+    `loss_positions` and `loss_targets` (`label_positions`).
 
     Each document's first label is -100 so that no document learns to predict the next one; `collate` does
     the same to each row, which keeps packed and unpacked losses equal.
@@ -171,7 +184,8 @@ def collate_packed(
         out["position_ids"].append(positions + [0] * pad)
         out["doc_ids"].append(docs + [PAD_DOC_ID] * pad)
         out["attention_mask"].append([1] * n + [0] * pad)
-    return {key: torch.tensor(value, dtype=torch.long) for key, value in out.items()}
+    batch = {key: torch.tensor(value, dtype=torch.long) for key, value in out.items()}
+    return batch | label_positions(batch["labels"])
 
 
 def plan_batches(

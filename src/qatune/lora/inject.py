@@ -41,7 +41,7 @@ def inject_lora(model: nn.Module, layout: dict[str, dict[str, LoRAPart]], config
         parent, _, attr = name.rpartition(".")
         base = model.get_submodule(name)
         wrapped = LoRALinear(base, parts, dropout=config.dropout, use_rslora=config.use_rslora,
-                             fast_dropout=getattr(model, "fast_path", False))
+                             fast_dropout=getattr(model, "cpu_kernels", False))
         wrapped.train(base.training)  # a model in eval mode must not start applying LoRA dropout
         setattr(model.get_submodule(parent), attr, wrapped)
     model.lora_config = config

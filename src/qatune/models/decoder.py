@@ -7,9 +7,11 @@ Attention runs through `scaled_dot_product_attention`. With no padding, no packi
 `is_causal=True` and no mask, so PyTorch may pick its flash kernel; otherwise a boolean mask is built from
 `attention_mask` (padding), `doc_ids` (packing: a token sees only its own document) and the cache offset.
 
-This file is the reference. `Decoder(cfg, fast_path=True)` swaps in the kernels of `fast_ops.py` (chunked
-LM-head loss, CPU-fast dropout and attention), chosen when the model is built; they change how, never what, is
-computed.
+This file is the reference, and it computes logits and nothing else: the training loss (over labelled positions
+only) is `evaluation.loss.next_token_loss`, fed `hidden_states` and `lm_head.weight`. `Decoder(cfg,
+fast_path=True)` marks the model for the fast path of `fast_ops.py` and, on CPU, swaps in its dropout and
+attention kernels, chosen once when the model is built (never by a branch on the device in `forward`); they
+change how, never what, is computed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from qatune.models.config import ModelConfig
 
-from .fast_ops import chunked_lm_loss, explicit_attention, make_dropout
+from .fast_ops import explicit_attention, make_dropout
 
 
 class RMSNorm(nn.Module):
@@ -72,6 +74,10 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
+    def cached(self, layer: int) -> int:
+        """Positions cached for `layer` (during a forward, earlier layers already hold the new ones)."""
+        return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.keys[layer] is not None:
             k = torch.cat((self.keys[layer], k), dim=2)
@@ -109,14 +115,17 @@ def attention_mask_4d(
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, fast: bool = False):
+    """`cpu_kernels=True` (the fast path on CPU): `fast_ops`' dropout, and attention without a KV cache as
+    `fast_ops.explicit_attention`; otherwise `nn.Dropout` and SDPA."""
+
+    def __init__(self, cfg: ModelConfig, cpu_kernels: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.fast = fast
+        self.explicit = cpu_kernels
         # q, k and v share one matmul (GPT-2's c_attn; Llama's q/k/v_proj are concatenated on load).
         self.qkv = nn.Linear(cfg.d_model, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attn_bias)
         self.o = nn.Linear(cfg.q_size, cfg.d_model, bias=cfg.attn_bias)
-        self.resid_dropout = make_dropout(cfg.dropout, fast)
+        self.resid_dropout = make_dropout(cfg.dropout, cpu_kernels)
 
     def forward(
         self,
@@ -134,15 +143,18 @@ class Attention(nn.Module):
         v = v.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
         if kv_cache is not None:
+            past = kv_cache.cached(layer)
             k, v = kv_cache.update(layer, k, v)
         if cfg.n_kv_head != cfg.n_head:  # grouped-query attention: each kv head serves n_head/n_kv_head queries
             k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
             v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
         # Plain causal attention lets SDPA use its fused (flash) kernels; a cached single step sees everything.
-        is_causal = mask is None and k.shape[2] == t
+        # (Decided on `past`, a Python int: a comparison of shapes would be symbolic under torch.compile.)
+        is_causal = mask is None and past == 0
         dropout_p = cfg.attn_dropout if self.training else 0.0
-        if self.fast and x.device.type == "cpu" and kv_cache is None:
+        if self.explicit and kv_cache is None:
             y = explicit_attention(q, k, v, mask, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
@@ -151,15 +163,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2: down(act(up(x))). Llama (SwiGLU): down(silu(gate(x)) * up(x))."""
+    """GPT-2: down(act(up(x))). Llama (SwiGLU): down(silu(gate(x)) * up(x)). `fast_dropout`: `fast_ops`' dropout."""
 
-    def __init__(self, cfg: ModelConfig, fast: bool = False):
+    def __init__(self, cfg: ModelConfig, fast_dropout: bool = False):
         super().__init__()
         self.kind = cfg.mlp
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
-        self.dropout = make_dropout(cfg.dropout, fast)
+        self.dropout = make_dropout(cfg.dropout, fast_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is not None:
@@ -174,12 +186,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, fast: bool = False):
+    def __init__(self, cfg: ModelConfig, cpu_kernels: bool = False):
         super().__init__()
         self.norm_attn = make_norm(cfg)
-        self.attn = Attention(cfg, fast)
+        self.attn = Attention(cfg, cpu_kernels)
         self.norm_mlp = make_norm(cfg)
-        self.mlp = MLP(cfg, fast)
+        self.mlp = MLP(cfg, cpu_kernels)
 
     def forward(self, x: Tensor, rope, mask, kv_cache, layer: int) -> Tensor:
         x = x + self.attn(self.norm_attn(x), rope, mask, kv_cache, layer)
@@ -189,17 +201,22 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """A causal LM. `forward(input_ids) -> logits [batch, seq, vocab]`; see `forward` for packing and caching.
 
-    `fast_path=True` builds it with the kernels of `fast_ops.py` (same function, faster on the measured shapes);
-    LoRA layers added later follow the model's choice (`model.fast_path`)."""
+    `fast_path=True` builds it for the fast path of `fast_ops.py` (same function, faster on the measured shapes):
+    the loss built for it is chunked (`model.fast_path`), and on a CPU `device` (default: torch's default
+    device) its dropout and attention are `fast_ops`' (`model.cpu_kernels`; LoRA layers added later follow it).
+    The kernels are fixed here: a model moved to another device afterwards keeps them (still correct)."""
 
-    def __init__(self, cfg: ModelConfig, fast_path: bool = False):
+    def __init__(self, cfg: ModelConfig, fast_path: bool = False, device: torch.device | str | None = None):
         super().__init__()
         self.config = cfg
         self.fast_path = fast_path
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        # CUDA keeps SDPA (flash) and fused dropout; CPU's SDPA and bernoulli_ dropout are the slow ones.
+        self.cpu_kernels = fast_path and device.type == "cpu"
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_positions, cfg.d_model) if cfg.positions == "learned" else None
-        self.embed_dropout = make_dropout(cfg.embed_dropout, fast_path)
-        self.blocks = nn.ModuleList(Block(cfg, fast_path) for _ in range(cfg.n_layer))
+        self.embed_dropout = make_dropout(cfg.embed_dropout, self.cpu_kernels)
+        self.blocks = nn.ModuleList(Block(cfg, self.cpu_kernels) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -261,28 +278,3 @@ class Decoder(nn.Module):
         - `kv_cache`: a `KVCache`, extended in place.
         """
         return self.lm_head(self.hidden_states(input_ids, **kwargs))
-
-    def loss(self, batch: dict[str, Tensor], reduction: str = "mean", label_smoothing: float = 0.0
-             ) -> tuple[Tensor, int]:
-        """Next-token cross-entropy over labelled positions ("mean" or "sum"), and how many there were.
-
-        Labels are aligned with input_ids (position t predicts labels[t+1]); -100 is ignored. The LM head runs
-        only where a label exists: with answer-only loss most QA tokens are prompt, so this skips most of the
-        largest matmul and never materialises logits for the whole batch. `attention_mask` is only needed for
-        left padding or packing: right padding cannot affect earlier tokens under a causal mask. The fast path
-        computes the same loss chunk by chunk (`fast_ops.chunked_lm_loss`)."""
-        hidden = self.hidden_states(
-            batch["input_ids"],
-            position_ids=batch.get("position_ids"),
-            attention_mask=batch.get("attention_mask"),
-            doc_ids=batch.get("doc_ids"),
-        )
-        targets = batch["labels"][:, 1:]
-        keep = targets != -100
-        n = int(keep.sum())
-        if self.fast_path:
-            loss = chunked_lm_loss(hidden[:, :-1][keep], self.lm_head.weight, targets[keep], label_smoothing)
-            return (loss / max(n, 1) if reduction == "mean" else loss), n
-        logits = self.lm_head(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum", label_smoothing=label_smoothing)
-        return (loss / max(n, 1) if reduction == "mean" else loss), n

@@ -3,14 +3,16 @@
 `decoder.py` is the reference; a model built with `fast_path=True` (what `qatune train` does unless
 `train.fast_path=false`) uses these pieces instead, each because `qatune bench` measured it
 (benchmarks/README.md):
-- the LM head and the cross-entropy run a chunk of rows at a time (`chunked_lm_loss`): the `[tokens, vocab]`
-  fp32 logits are never materialised, and the gradient is formed while the chunk is hot in cache;
-- CPU only: dropout draws its mask with one vectorised `torch.rand` (`FastDropout`), and training attention
-  runs as explicit low-precision matmuls (`explicit_attention`) instead of SDPA's CPU fallback, which upcasts
-  to fp32 and draws its dropout mask with `bernoulli_`. On CUDA, SDPA (flash) and fused dropout are kept.
+- the LM head and the cross-entropy run a chunk of rows at a time (`chunked_lm_loss`, which the training loss
+  `evaluation.loss.next_token_loss` uses for a fast-path model): the `[tokens, vocab]` fp32 logits are never
+  materialised, and the gradient is formed while the chunk is hot in cache;
+- CPU only: dropout draws its mask with one vectorised `torch.rand` (`FastDropout`), and attention without a
+  KV cache runs as explicit low-precision matmuls (`explicit_attention`) instead of SDPA's CPU fallback, which
+  upcasts to fp32 and draws its dropout mask with `bernoulli_`. On CUDA, SDPA (flash) and fused dropout are
+  kept. Which kernels run is decided when the model is built, for the device it is built on.
 
 Losses agree with the reference within low-precision rounding; with dropout the masks differ (another random
-stream), as with any change of kernel (tests/test_bench.py).
+stream), as with any change of kernel (tests/test_fast_path.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 
 def make_dropout(p: float, fast: bool) -> nn.Dropout:
-    """The dropout module of a model built with or without the fast path."""
+    """The dropout module of a model built with (`fast`: the fast path, for the CPU) or without `FastDropout`."""
     return FastDropout(p) if fast else nn.Dropout(p)
 
 
@@ -33,12 +35,12 @@ def fast_dropout(x: Tensor, p: float) -> Tensor:
 
 
 class FastDropout(nn.Dropout):
-    """`nn.Dropout` using `fast_dropout` on CPU; elsewhere (CUDA has a fused dropout kernel) `nn.Dropout` itself.
-    A fast-path model uses it for every dropout, LoRA's included."""
+    """`nn.Dropout` computed by `fast_dropout`. A fast-path model built for the CPU uses it for every dropout,
+    LoRA's included (CUDA has a fused dropout kernel: models built for it keep `nn.Dropout`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
+        if not self.training or self.p == 0:
+            return x
         return fast_dropout(x, self.p)
 
 
@@ -58,52 +60,67 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dro
     return torch.matmul(probs, v)
 
 
-class _ChunkedLMLoss(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` against `targets`, `chunk` rows at a time.
+@torch.library.custom_op("qatune::chunked_lm_loss", mutates_args=())
+def _chunked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float, chunk: int,
+                     dtype: torch.dtype, want_h: bool, want_w: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, `chunk` rows at a time; and, as requested,
+    the gradient of that sum with respect to `hidden` (in `dtype`) and the `[rows, vocab]` gradient of the
+    logits (empty otherwise).
 
-    Forward computes each chunk's logits (matmul in `dtype`, as autocast would; softmax in fp32), its loss and,
-    when a gradient will be needed, its gradient (softmax - smoothed one-hot), turned at once into the gradient
-    of `hidden`; backward only scales that. The `[rows, vocab]` gradient is kept (in `dtype`) only when the
-    weight itself trains (full fine-tuning), for one `g.T @ hidden` matmul in backward."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float, chunk: int,
-                dtype: torch.dtype, need_grad: bool) -> Tensor:
-        h, w = hidden.to(dtype), weight.to(dtype)
-        want_h = need_grad and ctx.needs_input_grad[0]
-        want_w = need_grad and ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_logits: list[Tensor] = []
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, h.shape[0], chunk):
-            target = targets[start:start + chunk, None]
-            logits = (h[start:start + chunk] @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            nll = lse - logits.gather(1, target)
+    Each chunk's logits are computed (matmul in `dtype`, as autocast would; softmax in fp32), then its loss and,
+    when wanted, its gradient (softmax - smoothed one-hot), turned at once into the gradient of `hidden`, so
+    backward only scales it. The logits' gradient (in `dtype`) is kept only when the weight itself trains (full
+    fine-tuning), for one `g.T @ hidden` matmul in backward. A custom op, so that `torch.compile` sees one opaque
+    call whatever the number of rows (a Python loop over them would specialise the graph on it)."""
+    h, w = hidden.to(dtype), weight.to(dtype)
+    grad_h = torch.empty_like(h) if want_h else h.new_empty(0)
+    grad_logits: list[Tensor] = []
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk):
+        target = targets[start:start + chunk, None]
+        logits = (h[start:start + chunk] @ w.t()).float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        nll = lse - logits.gather(1, target)
+        if label_smoothing:
+            nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1, keepdim=True))
+        total += nll.sum()
+        if want_h or want_w:
+            grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
+            grad.scatter_add_(1, target, grad.new_full(target.shape, label_smoothing - 1))
             if label_smoothing:
-                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1, keepdim=True))
-            total += nll.sum()
-            if want_h or want_w:
-                grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
-                grad.scatter_add_(1, target, grad.new_full(target.shape, label_smoothing - 1))
-                if label_smoothing:
-                    grad.sub_(label_smoothing / grad.shape[-1])
-                grad = grad.to(dtype)
-                if want_h:
-                    grad_h[start:start + chunk] = grad @ w
-                if want_w:
-                    grad_logits.append(grad)
-        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
-        ctx.save_for_backward(grad_h, torch.cat(grad_logits) if want_w else None, h if want_w else None)
-        return total
+                grad.sub_(label_smoothing / grad.shape[-1])
+            grad = grad.to(h.dtype)
+            if want_h:
+                grad_h[start:start + chunk] = grad @ w
+            if want_w:
+                grad_logits.append(grad)
+    return total, grad_h, torch.cat(grad_logits) if want_w and grad_logits else h.new_empty(0)
 
-    @staticmethod
-    def backward(ctx, grad_total: Tensor):
-        grad_h, grad_logits, h = ctx.saved_tensors
-        d_hidden = grad_h.to(ctx.hidden_dtype) * grad_total if grad_h is not None else None
-        d_weight = (grad_logits.t() @ h).to(ctx.weight_dtype) * grad_total if grad_logits is not None else None
-        return d_hidden, d_weight, None, None, None, None, None
 
+@_chunked_lm_loss.register_fake
+def _(hidden, weight, targets, label_smoothing, chunk, dtype, want_h, want_w):
+    empty = hidden.new_empty(0, dtype=dtype)
+    grad_h = hidden.new_empty(hidden.shape, dtype=dtype) if want_h else empty
+    grad_logits = hidden.new_empty(hidden.shape[0], weight.shape[0], dtype=dtype) if want_w else empty
+    return hidden.new_empty((), dtype=torch.float32), grad_h, grad_logits
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, _, _, _, dtype, want_h, want_w = inputs
+    _, grad_h, grad_logits = output
+    ctx.want_h, ctx.want_w, ctx.dtype = want_h, want_w, dtype
+    ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+    ctx.save_for_backward(grad_h, grad_logits, hidden if want_w else None)
+
+
+def _backward(ctx, grad_total: Tensor, _grad_h: Tensor, _grad_logits: Tensor):
+    grad_h, grad_logits, hidden = ctx.saved_tensors
+    d_hidden = grad_h.to(ctx.hidden_dtype) * grad_total if ctx.want_h else None
+    d_weight = (grad_logits.t() @ hidden.to(ctx.dtype)).to(ctx.weight_dtype) * grad_total if ctx.want_w else None
+    return d_hidden, d_weight, None, None, None, None, None, None
+
+
+_chunked_lm_loss.register_autograd(_backward, setup_context=_setup_context)
 
 # Logits per chunk, in elements: 32 MiB of fp32 on CPU (about the L3 cache), 512 MiB on GPUs (for GPT-2's
 # vocabulary, 2,670 rows: matmuls still large, a few chunks for a 16 x 512 batch).
@@ -117,8 +134,8 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label_smoot
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     chunk = max(1, _LOSS_CHUNK_ELEMENTS.get(device, 2**23) // weight.shape[0])
+    grad = torch.is_grad_enabled()
     with torch.autocast(device, enabled=False):
-        return _ChunkedLMLoss.apply(hidden, weight, targets, label_smoothing, chunk, dtype,
-                                    torch.is_grad_enabled())
-
-
+        total, _, _ = _chunked_lm_loss(hidden, weight, targets, float(label_smoothing), chunk, dtype,
+                                       grad and hidden.requires_grad, grad and weight.requires_grad)
+    return total

@@ -155,9 +155,10 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def build_model(cfg: ModelConfig, state: dict[str, Tensor], *, fast_path: bool = False) -> Decoder:
-    """Assign an already-converted native state dict to a model built on the meta device (no allocation)."""
+    """Assign an already-converted native state dict to a model built on the meta device (no allocation); its
+    kernels are chosen for the device the state is on."""
     with torch.device("meta"):
-        model = Decoder(cfg, fast_path=fast_path)
+        model = Decoder(cfg, fast_path=fast_path, device=next(iter(state.values())).device)
     if cfg.tie_embeddings:
         state = {**state, "lm_head.weight": state["embed.weight"]}
     model.load_state_dict(state, strict=True, assign=True)

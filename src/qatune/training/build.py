@@ -15,6 +15,7 @@ from qatune.data.batching import Feature, encode_dataset
 from qatune.data.prompts import PromptFormat, make_prompt_format
 from qatune.data.readers import DataReport, QAExample, load_examples, split_train_val
 from qatune.errors import ConfigError, DataError
+from qatune.evaluation.loss import model_loss
 from qatune.lora.inject import apply_lora
 from qatune.models.device import usable_device
 from qatune.models.loading import load_base_model, parse_dtype
@@ -111,8 +112,8 @@ def resolve_max_length(max_length: int | None, limit: int | None) -> int:
 
 
 def build_trainable_model(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """The model to train, exposing `loss(batch, reduction)`: the native Decoder (+ LoRA), or transformers
-    (+ peft) for `backend=hf`."""
+    """The model to train, as `evaluation.loss.model_loss` takes it: the native Decoder (+ LoRA), or
+    transformers (+ peft) for `backend=hf`."""
     t = cfg.train
     base_dtype = parse_dtype(t.base_dtype) if cfg.method == "lora" and t.base_dtype else None
     if cfg.backend == "hf":
@@ -129,12 +130,15 @@ def build_trainable_model(cfg: RunConfig, device: torch.device) -> nn.Module:
 
 
 class LossModule(nn.Module):
-    """forward(batch) -> (summed token loss, label tokens): the unit DDP and torch.compile wrap."""
+    """forward(batch) -> the summed token loss (`evaluation.loss.model_loss`; divide by `count_tokens`' label
+    tokens): the unit DDP and torch.compile wrap. Chunked (`fast_ops.chunked_lm_loss`) when the model was built
+    for the fast path, decided here once."""
 
     def __init__(self, model: nn.Module, label_smoothing: float):
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
+        self.chunked = getattr(model, "fast_path", False)
 
-    def forward(self, batch: dict[str, torch.Tensor]):
-        return self.model.loss(batch, reduction="sum", label_smoothing=self.label_smoothing)
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model_loss(self.model, batch, label_smoothing=self.label_smoothing, chunked=self.chunked)

@@ -1,8 +1,8 @@
 """`backend=hf`: transformers `AutoModelForCausalLM` + peft `get_peft_model`, the reference recipe itself.
 
-It trains any Hugging Face causal LM and is the baseline the native backend is measured against. It shares
-the data, the loop, the logging and the checkpoints with the native backend; only model building, the loss
-call and the saved result differ.
+It trains any Hugging Face causal LM whose LM head is a plain linear layer, and is the baseline the native
+backend is measured against. It shares the data, the loop, the loss (`evaluation.loss`), the logging and the
+checkpoints with the native backend; only model building and the saved result differ.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qatune.errors import ConfigError, ModelError
@@ -22,27 +21,44 @@ from qatune.utils.io import write_dir_atomically
 
 
 class HFCausalLM(nn.Module):
-    """A transformers causal LM with the native model's `loss(batch, reduction)` interface."""
+    """A transformers causal LM (peft-wrapped or not) seen as the native model is by the loss
+    (`evaluation.loss.model_loss`): `hidden_states(...)` from its base model and `lm_head` its output
+    embeddings, so both backends train on one loss function. `fast_path` is False: the hf backend is the
+    reference recipe."""
+
+    fast_path = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        _check_plain_head(self._transformers_model())
 
-    def loss(self, batch: dict[str, Tensor], reduction: str = "mean", label_smoothing: float = 0.0
-             ) -> tuple[Tensor, int]:
-        if "doc_ids" in batch:
+    def _transformers_model(self) -> nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft's wrapper
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def hidden_states(self, input_ids: Tensor, *, position_ids: Tensor | None = None,
+                      attention_mask: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
+        if doc_ids is not None:
             raise ConfigError("train.packing=true needs backend=native (transformers' SDPA path has no document mask)")
-        logits = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-        ).logits
-        targets = batch["labels"][:, 1:]
-        keep = targets != -100
-        n = int(keep.sum())
-        loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum",
-                               label_smoothing=label_smoothing)
-        return (loss / max(n, 1) if reduction == "mean" else loss), n
+        body = self._transformers_model().base_model  # the decoder stack: GPT2Model, LlamaModel, ...
+        return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state
+
+
+def _check_plain_head(model: nn.Module) -> None:
+    """The shared loss computes logits as `hidden @ lm_head.weight.T`: a head with a bias, an adapter or a
+    logit scale (Gemma 2's soft-capping, Cohere's and Granite's scales) would be computed wrongly, so refuse it."""
+    head = model.get_output_embeddings()
+    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+              if getattr(model.config, k, None) not in (None, 1, 1.0)]
+    if type(head) is not nn.Linear or head.bias is not None or scaled:
+        raise ModelError(f"backend=hf: {type(model).__name__}'s LM head ({type(head).__name__}"
+                         f"{', ' + ', '.join(scaled) if scaled else ''}) is not a plain bias-free linear layer, "
+                         "which the loss needs; do not put LoRA on the LM head")
 
 
 def load_hf_model(source: str, dtype: torch.dtype, device: torch.device) -> nn.Module:

@@ -64,8 +64,9 @@ class Parallel:
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        # The trainer calls model.loss(), not forward(): FSDP must gather the root's parameters for it too.
-        register_fsdp_forward_method(model, "loss")
+        # The loss calls model.hidden_states(), not forward(): FSDP must gather the root's parameters for it too.
+        # The root is not resharded after its forward, so the loss then reads the gathered lm_head.weight.
+        register_fsdp_forward_method(model, "hidden_states")
 
     def wrap(self, loss_module: nn.Module, device: torch.device) -> nn.Module:
         if not self.ddp:

@@ -311,7 +311,7 @@ def train_step(r: Recipe, state: TrainState, step_batches: list[dict[str, torch.
     loss_total = torch.zeros((), dtype=torch.float64, device=r.device)  # summed on device: no sync per batch
     for i, batch in enumerate(mine):
         with r.par.sync_context(r.loss_module, r.model, sync=i == len(mine) - 1), r.autocast():
-            loss_sum, _ = r.loss_module(to_device(batch, r.device))
+            loss_sum = r.loss_module(to_device(batch, r.device))
             # DDP averages gradients over ranks; scale by world so the result is the global token mean.
             loss = loss_sum * d.world / max(global_tokens, 1)
         r.scaler.scale(loss).backward()
