@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from qatune.lora.adapters import save_adapter
 from qatune.lora.inject import apply_lora, lora_layers
 from qatune.lora.layer import LoRAConfig
-from qatune.models.loading import load_model
+from qatune.models.loading import load_base_model
 
 VOCAB, STEPS, LR, WEIGHT_DECAY = 320, 5, 1e-2, 0.1
 ATOL = 1e-5
@@ -119,7 +119,7 @@ CASES = {
 def test_lora_training_matches_peft(base_dirs, tmp_path, case):
     family, lora_kw = case
     base_dir = base_dirs[family]
-    model = load_model(base_dir)
+    model = load_base_model(base_dir)
     apply_lora(model, LoRAConfig(dropout=0.0, **lora_kw))
     torch.manual_seed(1)
     with torch.no_grad():
