@@ -500,3 +500,11 @@ def test_hub_dataset_while_offline_says_it_could_not_be_fetched(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"^hf:x/y: could not be fetched from the Hugging Face Hub \(.*\); fetch it"):
         load_examples("hf:x/y")
+
+
+def test_lone_surrogate_escape_is_an_error_but_a_pair_is_a_character(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"question": "Smile?", "answer": "\\ud83d\\ude00"}\n{"question": "Half?", "answer": "\\ud83d"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: invalid JSON: a \\uD800-\\uDFFF escape that is not half"):
+        load_examples(path)
+    assert [e.answer for e in load_examples(path, skip_invalid=True)] == ["\U0001f600"]

@@ -7,7 +7,8 @@
   `json` keeps the last value silently); nesting too deep for the parser and integers too long to convert are
   errors, not tracebacks. A number with a fraction or exponent keeps the text it was written as, so that an
   answer written `1.50` reads as "1.50", not "1.5". `NaN` and `Infinity` (which Python's `json` accepts but
-  JSON does not have) are left for the caller to refuse where a value is used.
+  JSON does not have) are left for the caller to refuse where a value is used. A `\\uD800` escape that is not
+  half of a surrogate pair is an error: it decodes to no character, and no tokenizer can encode it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import json
 import json.decoder
 import json.scanner
+import re
 import sys
 from collections.abc import Iterator
 from os import PathLike
@@ -25,6 +27,8 @@ from typing import Any
 from qatune.errors import DataError
 
 UTF8_BOM = b"\xef\xbb\xbf"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_data_file(path: str | PathLike) -> None:
@@ -134,7 +138,7 @@ _DECODER = _decoder()
 def decode_json(text: str) -> Any:
     """`text` as one JSON value (see the module doc); a `JSONProblem` when it is not acceptable."""
     try:
-        return _DECODER.decode(text)
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as e:
         raise JSONProblem(str(e), e.pos, extra_data=e.msg == "Extra data") from None
     except _DuplicateKey as e:
@@ -143,6 +147,26 @@ def decode_json(text: str) -> Any:
         raise JSONProblem("nested too deeply for the parser") from None
     except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
         raise JSONProblem(f"an integer with more than {sys.get_int_max_str_digits()} digits") from None
+    if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(value):
+        raise JSONProblem("a \\uD800-\\uDFFF escape that is not half of a surrogate pair is not a character")
+    return value
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded value holds a string with a lone surrogate (no tokenizer can encode it). A proper pair
+    (\\ud83d\\ude00, as `json.dumps` writes an emoji) is decoded into one character and passes."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def parse_json_line(line: str, source: str) -> Any:
