@@ -308,3 +308,203 @@ def test_sample_facts_ship_with_the_package():
     assert all(1 <= len(e.answer.split()) <= 4 for e in train + test)
     capitals = {e.question: e.answer for e in train + test}
     assert capitals["What is the capital of France?"] == "Paris"
+
+
+# --- nothing silently wrong: CSV rows, value types, strict JSON, paths that are not data files ------------------
+
+
+def _csv_rows(n: int) -> list[str]:
+    return ["question,answer"] + [f"Q{i}?,A{i}" for i in range(n)]
+
+
+def test_csv_row_with_more_fields_than_the_header_is_an_error(tmp_path):
+    rows = _csv_rows(5)
+    rows[3] = "Capital of Peru?,Lima,Peru"  # an unquoted comma: the third field used to vanish
+    path = tmp_path / "extra.csv"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}:4: 3 fields but the header has 2"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("closing_row", [None, 20], ids=["never-closed", "closed-by-a-later-row"])
+def test_csv_unterminated_quote_names_the_line_where_it_starts(tmp_path, closing_row):
+    rows = _csv_rows(30)
+    rows[6] = '"Q5 never closed?,A5'  # line 7
+    if closing_row is not None:
+        rows[closing_row] = f'"Q{closing_row - 1}?",A{closing_row - 1}'  # its opening quote used to close line 7's
+    path = tmp_path / "quote.csv"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}:7: "):
+        load_examples(path)
+    report = DataReport()
+    examples = load_examples(path, skip_invalid=True, report=report)
+    # one bad row costs one row: reading resumes on the next line
+    assert [e.question for e in examples] == [f"Q{i}?" for i in range(30) if i != 5]
+    assert (report.read, report.kept, [s for s, _ in report.skipped]) == (30, 29, [f"{path}:7"])
+
+
+def test_csv_skip_invalid_skips_and_counts_bad_rows(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text('question,answer\nQ0?,A0\nQ1?,A1,x\nQ2?,A2\n"Q3?,A3\nQ4?,A4\n')
+    report = DataReport()
+    assert [e.answer for e in load_examples(path, skip_invalid=True, report=report)] == ["A0", "A2", "A4"]
+    assert [source for source, _ in report.skipped] == [f"{path}:3", f"{path}:5"]
+    assert report.summary().startswith("read 5, kept 3, skipped 2")
+
+
+def test_csv_excel_byte_order_mark_and_crlf(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfquestion,answer\r\nCapital of Peru?,Lima\r\n")
+    (ex,) = load_examples(path)
+    assert (ex.question, ex.answer, ex.source) == ("Capital of Peru?", "Lima", f"{path}:2")
+
+
+def test_csv_header_with_a_column_twice_is_an_error(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("question,answer,answer\nQ?,A,B\n")
+    with pytest.raises(DataError, match=rf"^{path}:1: column 'answer' appears twice"):
+        load_examples(path)
+
+
+def test_byte_order_mark_is_accepted_in_json_and_jsonl(tmp_path):
+    record = b'{"question": "a?", "answer": "b"}'
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + record + b"\n")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf[" + record + b"]")
+    for name in ("bom.jsonl", "bom.json"):
+        assert [(e.question, e.answer) for e in load_examples(tmp_path / name)] == [("a?", "b")]
+
+
+@pytest.mark.parametrize(("value", "kind"), [
+    ("true", "true"), ("false", "false"), ("NaN", "NaN"), ("-Infinity", "-Infinity"),
+    ('{"value": "Paris"}', "an object with 'value'"), ('["Paris", true]', "true"), ('["Paris", ["x"]]', "a list"),
+])
+def test_answer_that_is_not_text_is_an_error_naming_the_field(tmp_path, value, kind):
+    path = tmp_path / "types.jsonl"
+    path.write_text('{"question": "q?", "answer": "ok"}\n{"question": "Capital of France?", "answer": ' + value + "}\n")
+    with pytest.raises(DataError, match=rf"^{path}:2: invalid field 'answer(\[1\])?': expected text") as info:
+        load_examples(path)
+    assert kind in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["true", "NaN", '{"q": "x"}', '["x"]'])
+def test_question_that_is_not_text_is_an_error_naming_the_field(tmp_path, value):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": ' + value + ', "answer": "a"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:1: invalid field 'question': expected text"):
+        load_examples(path)
+
+
+def test_numbers_are_read_as_the_text_they_are_written_as(tmp_path):
+    path = tmp_path / "numbers.jsonl"
+    path.write_text('{"question": "Year of the end of WWII?", "answer": 1945, "aliases": [1945, "1945 AD"]}\n'
+                    '{"question": "Pi to two decimals, then a round price?", "answer": 3.14, "aliases": [1.50, 1e3]}\n'
+                    '{"question": 42, "answer": -0.0}\n')
+    assert [(e.question, e.aliases) for e in load_examples(path)] == [
+        ("Year of the end of WWII?", ["1945", "1945 AD"]),
+        ("Pi to two decimals, then a round price?", ["3.14", "1.50", "1e3"]),
+        ("42", ["-0.0"]),
+    ]
+
+
+def test_an_object_answer_is_not_an_unanswerable_question(tmp_path):
+    path = write_jsonl(tmp_path / "obj.jsonl", [{"question": "q?", "answer": {"answer_start": [3]}}])
+    report = DataReport()
+    with pytest.raises(DataError, match=rf"^{path}:1: invalid field 'answer': .*got an object with 'answer_start'"):
+        load_examples(path, report=report)
+    assert report.skipped == []  # it used to be skipped as "unanswerable"
+    squad_hf = write_jsonl(tmp_path / "hf.jsonl", [{"question": "q?", "answers": {"text": [], "answer_start": []}},
+                                                   {"question": "r?", "answers": {"text": ["x"], "answer_start": [0]}}])
+    report = DataReport()
+    assert [e.answer for e in load_examples(squad_hf, report=report)] == ["x"]
+    assert report.skipped == [(f"{squad_hf}:1", "unanswerable: squad_unanswerable='skip'")]
+
+
+def test_duplicate_json_key_names_the_key_and_line(tmp_path):
+    jsonl = tmp_path / "dup.jsonl"
+    jsonl.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": "d", "answer": "e"}\n')
+    with pytest.raises(DataError, match=rf"^{jsonl}:2: invalid JSON: duplicate key 'answer'"):
+        load_examples(jsonl)
+    report = DataReport()
+    assert [e.answer for e in load_examples(jsonl, skip_invalid=True, report=report)] == ["b"]
+    assert report.skipped[0][0] == f"{jsonl}:2"
+    whole = tmp_path / "dup.json"
+    whole.write_text('[\n  {"question": "a?", "answer": "b"},\n  {"question": "c?",\n   "answer": "d",\n'
+                     '   "aliases": {"x": 1, "x": 2}}\n]\n')
+    with pytest.raises(DataError, match=rf"^{whole}:5: invalid JSON: duplicate key 'x'"):
+        load_examples(whole)
+
+
+@pytest.mark.parametrize("name", ["deep.jsonl", "deep.json"])
+def test_deep_nesting_and_huge_integers_are_one_error(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=rf"^{path}(:1)?: invalid JSON: nested too deeply"):
+        load_examples(path)
+    path.write_text('{"question": "q?", "answer": ' + "9" * 5000 + "}\n")
+    with pytest.raises(DataError, match=rf"^{path}(:1)?: invalid JSON: an integer with more than"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("squad", [
+    {"data": [{"paragraphs": "text"}]},
+    {"data": [{"paragraphs": ["text"]}]},
+    {"data": [{"paragraphs": [{"context": "c", "qas": {"question": "q"}}]}]},
+    {"data": [{"paragraphs": [{"context": "c", "qas": ["q"]}]}]},
+    {"data": [{"paragraphs": [{"context": "c", "qas": [{"question": "q", "answers": [1, {"text": True}]}]}]}]},
+    {"data": [{"paragraphs": [{"context": "c", "qas": [{"question": "q", "answers": [], "is_impossible": "no"}]}]}]},
+    {"data": [{"paragraphs": [{"context": ["c"], "qas": [{"question": "q", "answers": [{"text": "a"}]}]}]}]},
+])
+def test_squad_of_the_wrong_shape_is_an_error_naming_the_part(tmp_path, squad):
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(squad))
+    with pytest.raises(DataError, match=rf"^{path}:data\[0\]\.paragraphs"):
+        load_examples(path)
+
+
+def test_paths_that_are_not_data_files_are_one_error(tmp_path, monkeypatch):
+    import qatune.data.readers as readers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local path went to the Hugging Face Hub")
+
+    monkeypatch.setattr(readers, "_read_hf", no_hub)
+    with pytest.raises(DataError, match=r"^data file not found: .*trian \(a Hugging Face dataset is written hf:NAME"):
+        load_examples(tmp_path / "data" / "trian")  # a typo, no extension
+    if Path("/dev/zero").exists():
+        for fmt in ("auto", "jsonl", "csv", "json"):
+            with pytest.raises(DataError, match=r"^/dev/zero: not a regular file"):
+                load_examples("/dev/zero", fmt=fmt)
+    with pytest.raises(DataError, match=rf"^{tmp_path}: is a directory"):
+        load_examples(tmp_path, fmt="jsonl")
+
+
+def test_a_directory_of_data_files_is_read_with_datasets(tmp_path):
+    """config.py documents `data.train` as "a file, directory of files, hf:NAME": a directory goes to
+    `datasets`, and a directory it cannot read is one DataError."""
+    pytest.importorskip("datasets")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "part.jsonl", [{"question": "a?", "answer": "b"}])
+    assert [(e.question, e.answer) for e in load_examples(folder)] == [("a?", "b")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=rf"^{empty}: could not be loaded with datasets: "):
+        load_examples(empty)
+
+
+def test_hub_dataset_while_offline_says_it_could_not_be_fetched(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"^hf:x/y: could not be fetched from the Hugging Face Hub \(.*\); fetch it"):
+        load_examples("hf:x/y")
+
+
+def test_lone_surrogate_escape_is_an_error_but_a_pair_is_a_character(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"question": "Smile?", "answer": "\\ud83d\\ude00"}\n{"question": "Half?", "answer": "\\ud83d"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: invalid JSON: a \\uD800-\\uDFFF escape that is not half"):
+        load_examples(path)
+    assert [e.answer for e in load_examples(path, skip_invalid=True)] == ["\U0001f600"]

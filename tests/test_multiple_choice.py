@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qatune.cli.commands import main
-from qatune.errors import DataError
+from qatune.errors import ConfigError, DataError
 from qatune.evaluation.multiple_choice import (
     DEFAULT_DELIMITER,
     load_mc,
@@ -138,6 +138,39 @@ def test_reader_errors_name_file_line_and_field(tmp_path, record, expected):
     assert "bad.jsonl:2: " in str(e.value) and expected in str(e.value)
 
 
+_GOOD_LINE = json.dumps(ITEMS[1]).encode()
+
+
+@pytest.mark.parametrize("line, expected", [
+    (b'{"query": "Caf\xe9?", "choices": ["a", "b"], "gold": 0}', "bad.jsonl:2: invalid encoding: not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "bad.jsonl:2: invalid JSON: nested too deeply"),
+    (b'{"query": "Q", "choices": ["a", "b"], "gold": 0, "gold": 1}', "bad.jsonl:2: invalid JSON: duplicate key 'gold'"),
+    (b'{"query": "Q", "choices": ["a", "b"], "gold": ' + b"1" * 5000 + b"}", "bad.jsonl:2: invalid JSON: an integer"),
+    (b'{"query": "Q", "choices": ["a", "b"], "gold": NaN}', "bad.jsonl:2: invalid field 'gold': expected a choice"),
+])
+def test_reader_bad_bytes_are_one_error_naming_the_line(tmp_path, line, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(_GOOD_LINE + b"\n" + line + b"\n")
+    with pytest.raises(DataError) as e:
+        load_mc(path)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_reader_accepts_a_byte_order_mark_and_refuses_what_is_not_a_file(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _GOOD_LINE + b"\n")
+    assert [it.gold for it in load_mc(path)] == [0]
+    with pytest.raises(DataError, match=rf"^{tmp_path}: is a directory"):
+        load_mc(tmp_path)
+    with pytest.raises(DataError, match=r"^data file not found: .*nope\.jsonl"):
+        load_mc(tmp_path / "nope.jsonl")
+    if Path("/dev/zero").exists():  # a device is never read (it would never end)
+        with pytest.raises(DataError, match=r"^/dev/zero: not a regular file"):
+            load_mc("/dev/zero")
+    with pytest.raises(ConfigError, match=r"max_examples must be at least 1, got -1"):
+        load_mc(path, max_examples=-1)
+
+
 def test_reader_reads_the_shared_files():
     if not (SHARED_MC / "arc_easy.jsonl").is_file():
         pytest.skip(f"no multiple-choice data at {SHARED_MC}")
@@ -221,3 +254,11 @@ def test_cli_eval_mc_reports_bad_data(tmp_path, qa_gpt2_dir, capsys):
     data = _write_jsonl(tmp_path / "mc.jsonl", [{"query": "Q", "choices": ["a"], "gold": 0}])
     assert main(["eval", str(qa_gpt2_dir), "--data", str(data), "--task", "mc", "--out", str(tmp_path)]) == 2
     assert "mc.jsonl:1: invalid field 'choices'" in capsys.readouterr().err
+
+
+def test_cli_eval_mc_reports_undecodable_data_in_one_line(tmp_path, qa_gpt2_dir, capsys):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(_GOOD_LINE + b"\n" + b'{"query": "Caf\xe9?", "choices": ["a", "b"], "gold": 0}\n')
+    assert main(["eval", str(qa_gpt2_dir), "--data", str(data), "--task", "mc", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"qatune: error: {data}:2: invalid encoding: not UTF-8 (byte 0xe9 at column 15)\n"

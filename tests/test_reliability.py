@@ -421,6 +421,55 @@ def test_bad_input_is_one_line_and_exit_2(qa_gpt2_dir, tmp_path, capsys):
     assert "question is empty" in refused("ask", str(qa_gpt2_dir), "  ")
 
 
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["eval", "run", "--data", "sample-test", "--max-examples", "-1"], "argument --max-examples: must be >= 1, got -1"),
+    (["eval", "run", "--data", "sample-test", "--max-examples", "0"], "argument --max-examples: must be >= 1, got 0"),
+    (["eval", "run", "--data", "sample-test", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["eval", "run", "--data", "sample-test", "--few-shot", "-1"], "argument --few-shot: must be >= 0, got -1"),
+    (["eval", "run", "--data", "sample-test", "--few-shot", "two"],
+     "argument --few-shot: expected an integer >= 0, got 'two'"),
+    (["bench", "--threads", "-1"], "argument --threads: must be >= 1, got -1"),
+    (["bench", "--n-layer", "0"], "argument --n-layer: must be >= 1, got 0"),
+    (["demo", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+])
+def test_counts_out_of_range_are_refused_by_the_parser(capsys, argv, expected):
+    """`--max-examples -1` used to be a Python slice (59 of 60 examples scored), `--batch-size 0` and
+    `--few-shot -1` tracebacks: argparse refuses them, before anything runs."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"qatune {argv[0]}: error: {expected}"
+
+
+@pytest.mark.parametrize(("option", "value"), [("--max-new-tokens", "-1"), ("--num-beams", "0"), ("--top-k", "-1"),
+                                               ("--no-repeat-ngram-size", "-1")])
+def test_generation_counts_out_of_range_are_one_line(tmp_path, capsys, option, value):
+    """The other integer options of eval/ask are checked by `GenerationConfig` (bench's by `BenchConfig`): one
+    line, exit 2, before a model is loaded."""
+    code, err = _run(capsys, "eval", str(tmp_path / "no-model"), "--data", "sample-test", "--out", str(tmp_path),
+                     option, value)
+    assert code == 2 and "invalid generation config" in _one_error_line(err)
+    code, err = _run(capsys, "bench", "--steps", "0")
+    assert code == 2 and "must be >= 1" in _one_error_line(err)
+
+
+def test_data_that_is_not_a_file_is_one_line(qa_gpt2_dir, tmp_path, capsys):
+    """A typo without extension used to be sent to the Hugging Face Hub (a ConnectionError traceback after 24 s
+    of retries offline); a device and a directory of no data files, tracebacks."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data, expected in [(tmp_path / "trian", "data file not found"), ("/dev/zero", "not a regular file"),
+                           (empty, "could not be loaded with datasets")]:
+        if str(data) == "/dev/zero" and not Path(data).exists():
+            continue
+        code, err = _run(capsys, *_train_args(qa_gpt2_dir, tmp_path / "run", f"data.train={data}"))
+        assert code == 2 and expected in _one_error_line(err) and str(data) in err, err
+        code, err = _run(capsys, "eval", str(qa_gpt2_dir), "--data", str(data), "--out", str(tmp_path / "ev"))
+        assert code == 2 and expected in _one_error_line(err), err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ev").exists()
+
+
 # ------------------------------------------------------------------------------------- fault injection
 
 # Sessions of one run, each resumed from what the previous one left and killed with SIGKILL the N-th time it

@@ -20,6 +20,22 @@ EPILOG = """examples:
 """
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (a count, a size), refused by argparse otherwise -- so that
+    `--max-examples -1` cannot become a Python slice that drops the last example."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -87,7 +103,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", required=True, help="data file (any format `train` reads), or sample-test")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval; required for a model)")
     p.add_argument("--format", default="auto", help="data format: auto | jsonl | json | csv | e2e | hf")
-    p.add_argument("--max-examples", type=int, default=None, help="first N examples (NLG: first N distinct inputs)")
+    p.add_argument("--max-examples", type=_at_least(1), default=None,
+                   help="first N examples (NLG: first N distinct inputs)")
     p.add_argument("--task", default="auto", choices=["auto", "qa", "nlg", "mc"],
                    help="auto: E2E data is nlg, else qa; mc: multiple choice (query/choices/gold JSONL), acc and "
                         "acc_norm by choice log-likelihood")
@@ -97,11 +114,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--template", default=None, help="prompt template (default: the run's, else the QA default)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
                    help="default: the run's; for a model auto (its chat template when it has one)")
-    p.add_argument("--few-shot", type=int, default=0, metavar="K",
+    p.add_argument("--few-shot", type=_at_least(0), default=0, metavar="K",
                    help="put K solved examples (from --shots-from, drawn with --shots-seed) before each question")
     p.add_argument("--shots-from", default=None, metavar="FILE", help="where few-shot examples come from")
     p.add_argument("--shots-seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_at_least(1), default=16)
     p.add_argument("--no-loss", dest="loss", action="store_false", help="skip the teacher-forced loss")
     p.add_argument("--device", default=None)
     _add_generation_args(p)
@@ -154,12 +171,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per configuration (>= 1)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--n-layer", type=int, default=None, help="override the shapes' depth (quick CPU runs)")
+    p.add_argument("--n-layer", type=_at_least(1), default=None, help="override the shapes' depth (quick CPU runs)")
     p.add_argument("--real-data", default=None, metavar="FILE",
                    help="a QA file (e.g. TriviaQA JSONL): compare padding and packing on real lengths")
     p.add_argument("--strategies", default="pad-to-longest,dynamic,packing", help="real-data batching strategies")
     p.add_argument("--tokenizer", default="gpt2", help="tokenizer for --real-data (hub id or directory)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT", help="write the full results (raw step times) here")
 
@@ -167,6 +184,6 @@ def _add_bench(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="LoRA-tune SmolLM2-135M on the built-in QA facts; before/after answers")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=_at_least(1), default=None)
 
 

@@ -4,24 +4,32 @@ Readers never drop a record silently: a record is either kept, rejected with a `
 location ("train.jsonl:17: ..."), or -- with `skip_invalid=True`, or SQuAD's unanswerable questions with
 `squad_unanswerable="skip"` -- skipped and listed in the `DataReport` with its location and reason.
 
-Supported inputs (`fmt="auto"` picks by extension):
+Supported inputs (`fmt="auto"` picks by extension; files are UTF-8, a leading byte order mark is ignored):
 - JSONL (`.jsonl`, `.ndjson`): one record per line.
 - JSON (`.json`): a list of records, or SQuAD v1/v2 (`{"data": [{"paragraphs": [...]}]}`), detected by shape.
-- CSV (`.csv`): header row; an `aliases` cell holds several answers separated by `|`.
+  JSON is read strictly (`textfiles.py`): a key twice in one object is an error naming the key and line.
+- CSV (`.csv`): header row; an `aliases` cell holds several answers separated by `|`. A row with more fields
+  than the header, or a quote never closed, is an invalid record naming the line where it starts; a row with
+  fewer fields leaves the missing ones empty.
 - E2E NLG (`.txt`): `meaning representation||reference` per line.
-- Hugging Face datasets: `hf:NAME`, a name that is not a local file, or a local directory/file with `fmt="hf"`.
+- Hugging Face datasets: `hf:NAME` (the Hub), a local directory of data files, or a local file with `fmt="hf"`.
+  A path that does not exist is an error, never a request to the Hub.
+Only regular files are read: a device or a pipe is refused.
 
 Record fields: question from `question`, `prompt` or `qText` (WebQuestions), or extracted from a TriviaQA-style
 `context` of the form "Question: ...\\nAnswer:"; answer from `answer`, `completion` or `answers` (a string, a list
 of accepted answers, or SQuAD's `{"text": [...]}`); optional `aliases` and `context`. Explicit `*_field` arguments
-override the defaults. A record with `messages` is a conversation (`conversations.py`): its final assistant turn
-is the answer, and the chat prompt format trains on every assistant turn.
+override the defaults. A value must be text; a number is taken as the text it is written as (an answer 1945 is
+"1945"); true/false, NaN, objects and lists where text is expected are errors naming the field. A record with
+`messages` is a conversation (`conversations.py`): its final assistant turn is the answer, and the chat prompt
+format trains on every assistant turn.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
+import math
 import random
 import re
 from collections import Counter
@@ -31,6 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from qatune.data.conversations import last_exchange, parse_messages
+from qatune.data.textfiles import (
+    JSONProblem,
+    check_data_file,
+    decode_json,
+    parse_json_line,
+    read_bytes,
+    read_utf8,
+    utf8_lines,
+)
 from qatune.errors import ConfigError, DataError
 
 QUESTION_KEYS = ("question", "prompt", "qText")  # qText: WebQuestions (Berant et al. 2013)
@@ -167,8 +184,8 @@ def load_examples(
         name = name[3:]
     if fmt != "hf" and split is not None:
         raise DataError(f"split={split!r} only applies to Hugging Face datasets, not to the {fmt} file {name}")
-    if fmt != "hf" and not Path(name).is_file():
-        raise DataError(f"data file not found: {name}")
+    if fmt != "hf":
+        check_data_file(name)
     options = _Options(
         _Fields(question_field, answer_field, aliases_field, context_field),
         squad_unanswerable,
@@ -186,14 +203,15 @@ def load_examples(
 
 
 def _detect_format(name: str) -> str:
-    if name.startswith("hf:"):
+    if name.startswith("hf:") or Path(name).is_dir():
         return "hf"
     suffix = Path(name).suffix.lower()
     if suffix in _EXTENSIONS:
         return _EXTENSIONS[suffix]
-    if Path(name).is_file():
-        raise DataError(f"cannot tell the format of {name} from its extension; pass fmt= one of {FORMATS[1:]}")
-    return "hf"  # a directory or a hub name
+    if not Path(name).exists():  # a typo must not become a request to the Hugging Face Hub
+        raise DataError(f"data file not found: {name} (a Hugging Face dataset is written hf:NAME)")
+    check_data_file(name)
+    raise DataError(f"cannot tell the format of {name} from its extension; pass fmt= one of {FORMATS[1:]}")
 
 
 # Readers yield (source, record or DataError): errors travel as values so that `skip_invalid` is applied in
@@ -202,63 +220,36 @@ _Item = tuple[str, dict[str, Any] | DataError]
 
 
 def _read_jsonl(path: str) -> Iterator[_Item]:
-    yield from _jsonl_lines(path, _utf8_lines(path))
+    yield from _jsonl_records(utf8_lines(path))
 
 
-def _utf8_lines(path: str) -> Iterator[str | DataError]:
-    """A file's lines as text; a line that is not UTF-8 becomes a `DataError` naming it (so that `skip_invalid`
-    can skip it like any other bad record)."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield DataError(f"{path}:{number}: invalid encoding: not UTF-8 "
-                                f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-
-
-def _read_utf8(path: str) -> str:
-    """A whole file as text; not UTF-8 is a `DataError` naming the line."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid encoding: not UTF-8 (byte 0x{data[e.start]:02x})") from None
-
-
-def _numbered(path: str, lines: Any) -> Iterator[tuple[str, str | DataError]]:
-    """("path:line", text) for every non-blank line; a line that could not be decoded comes as its DataError."""
-    for number, line in enumerate(lines, start=1):
-        if isinstance(line, DataError) or line.strip():
-            yield f"{path}:{number}", line
-
-
-def _jsonl_lines(path: str, lines: Any) -> Iterator[_Item]:
-    for source, line in _numbered(path, lines):
+def _jsonl_records(lines: Iterator[tuple[str, str | DataError]]) -> Iterator[_Item]:
+    for source, line in lines:
         if isinstance(line, DataError):
             yield source, line
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield source, DataError(f"{source}: invalid JSON: {e}")
+            record = parse_json_line(line, source)
+        except DataError as e:
+            yield source, e
             continue
         if isinstance(record, dict):
             yield source, record
         else:
-            yield source, DataError(f"{source}: invalid record: expected a JSON object, got {type(record).__name__}")
+            yield source, DataError(f"{source}: invalid record: expected a JSON object, got {_kind(record)}")
 
 
 def _read_json(path: str) -> Iterator[_Item]:
-    text = _read_utf8(path)
+    text = read_utf8(path)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # JSON Lines saved as .json, common with Hugging Face exports
-            yield from _jsonl_lines(path, text.splitlines())
+        data = decode_json(text)
+    except JSONProblem as e:
+        if e.extra_data:  # JSON Lines saved as .json, common with Hugging Face exports
+            lines = ((f"{path}:{n}", line) for n, line in enumerate(text.splitlines(), start=1) if line.strip())
+            yield from _jsonl_records(lines)
             return
-        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e}") from e
+        line = e.line(text)
+        raise DataError(f"{path}{'' if line is None else f':{line}'}: invalid JSON: {e.reason}") from None
     if isinstance(data, dict) and _is_squad(data):
         yield from _squad_items(path, data)
     elif isinstance(data, list):
@@ -267,10 +258,9 @@ def _read_json(path: str) -> Iterator[_Item]:
             if isinstance(record, dict):
                 yield source, record
             else:
-                yield source, DataError(f"{source}: invalid record: expected an object, got {type(record).__name__}")
+                yield source, DataError(f"{source}: invalid record: expected an object, got {_kind(record)}")
     else:
-        kind = type(data).__name__
-        raise DataError(f"{path}: expected a JSON list of records or SQuAD {{'data': [...]}}, got {kind}")
+        raise DataError(f"{path}: expected a JSON list of records or SQuAD {{'data': [...]}}, got {_kind(data)}")
 
 
 def _is_squad(data: dict[str, Any]) -> bool:
@@ -279,33 +269,102 @@ def _is_squad(data: dict[str, Any]) -> bool:
 
 
 def _squad_items(path: str, data: dict[str, Any]) -> Iterator[_Item]:
-    """Flatten SQuAD into plain records; `is_impossible` travels along for the unanswerable policy."""
+    """Flatten SQuAD into plain records; `is_impossible` travels along for the unanswerable policy. A part of the
+    wrong shape is one invalid item naming where it is."""
     for i, article in enumerate(data["data"]):
-        for j, paragraph in enumerate(article["paragraphs"]):
-            for k, qa in enumerate(paragraph.get("qas", [])):
-                source = f"{path}:data[{i}].paragraphs[{j}].qas[{k}]"
-                yield source, {
-                    "question": qa.get("question"),
-                    "context": paragraph.get("context"),
-                    "answers": [a.get("text", "") for a in qa.get("answers", [])],
-                    "is_impossible": qa.get("is_impossible", False),
-                }
+        where = f"{path}:data[{i}].paragraphs"
+        paragraphs = article["paragraphs"]
+        if not isinstance(paragraphs, list):
+            yield where, DataError(f"{where}: expected a list of paragraphs, got {_kind(paragraphs)}")
+            continue
+        for j, paragraph in enumerate(paragraphs):
+            yield from _squad_paragraph(paragraph, f"{where}[{j}]")
+
+
+def _squad_paragraph(paragraph: Any, where: str) -> Iterator[_Item]:
+    if not isinstance(paragraph, dict):
+        yield where, DataError(f"{where}: invalid paragraph: expected an object, got {_kind(paragraph)}")
+        return
+    qas = paragraph.get("qas", [])
+    if not isinstance(qas, list):
+        yield where, DataError(f"{where}: invalid field 'qas': expected a list, got {_kind(qas)}")
+        return
+    for k, qa in enumerate(qas):
+        source = f"{where}.qas[{k}]"
+        if not isinstance(qa, dict):
+            yield source, DataError(f"{source}: invalid question: expected an object, got {_kind(qa)}")
+            continue
+        answers, impossible = qa.get("answers", []), qa.get("is_impossible", False)
+        if not isinstance(impossible, bool):
+            yield source, DataError(f"{source}: invalid field 'is_impossible': expected true or false, "
+                                    f"got {_kind(impossible)}")
+            continue
+        if isinstance(answers, list):  # an answer object without "text" is an empty answer (an error), not none
+            answers = [a.get("text") if isinstance(a, dict) else a for a in answers]
+        yield source, {"question": qa.get("question"), "context": paragraph.get("context"), "answers": answers,
+                       "is_impossible": impossible}
 
 
 def _read_csv(path: str) -> Iterator[_Item]:
+    """Rows as records. Python's csv module is lenient where a spreadsheet user needs to hear about it: a quote
+    left open swallows the following lines, a row with too many fields loses the extra ones. Here both are errors
+    naming the line where the record starts, and reading resumes on the next line, so that with `skip_invalid`
+    one bad row costs one row."""
     # surrogateescape keeps bytes that are not UTF-8 as lone surrogates, so the row holding them can be named
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            source = f"{path}:{reader.line_num}"
-            if _UNDECODED.search("".join(f"{k}{v}" for k, v in row.items())):
-                yield source, DataError(f"{source}: invalid encoding: not UTF-8")
-                continue
-            yield source, {k: v for k, v in row.items() if k is not None}
+    lines = io.StringIO(read_bytes(path).decode("utf-8", errors="surrogateescape"), newline="").readlines()
+    header: list[str] | None = None
+    resume = 0
+    while resume is not None:
+        rows, resume = _csv_rows(path, lines, resume)
+        for source, row in rows:
+            if header is None and not isinstance(row, DataError):
+                header = _csv_header(source, row)
+            elif header is None:  # the header itself is unreadable: nothing after it can be mapped to fields
+                raise row
+            else:
+                yield source, row if isinstance(row, DataError) else _csv_record(source, header, row)
+
+
+def _csv_rows(path: str, lines: list[str], start: int) -> tuple[list[tuple[str, list[str] | DataError]], int | None]:
+    """The rows from line index `start` on, up to and including the first malformed record; and the line index to
+    resume from after it (None at the end)."""
+    reader = csv.reader((lines[i] for i in range(start, len(lines))), strict=True)
+    rows: list[tuple[str, list[str] | DataError]] = []
+    while True:
+        first = start + reader.line_num + 1  # the line (1-based) where the next record starts
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows, None
+        except csv.Error as e:
+            reason = ("unterminated quote: a quoted field starting on this line is never closed"
+                      if "unexpected end of data" in str(e) else f"invalid CSV: {e} (a stray or unclosed quote?)")
+            rows.append((f"{path}:{first}", DataError(f"{path}:{first}: {reason}")))
+            return rows, first
+        if row:  # a blank line is no record
+            rows.append((f"{path}:{first}", row))
+
+
+def _csv_header(source: str, row: list[str]) -> list[str]:
+    if _UNDECODED.search("".join(row)):
+        raise DataError(f"{source}: invalid encoding: not UTF-8 (in the header)")
+    repeated = [name for name, n in Counter(row).items() if n > 1]
+    if repeated:
+        raise DataError(f"{source}: column {repeated[0]!r} appears twice in the header")
+    return row
+
+
+def _csv_record(source: str, header: list[str], row: list[str]) -> dict[str, Any] | DataError:
+    if len(row) > len(header):
+        return DataError(f"{source}: {len(row)} fields but the header has {len(header)} "
+                         "(a field holding a comma must be quoted)")
+    if _UNDECODED.search("".join(row)):
+        return DataError(f"{source}: invalid encoding: not UTF-8")
+    return {name: (row[i] if i < len(row) else None) for i, name in enumerate(header)}  # short rows: None as csv
 
 
 def _read_e2e(path: str) -> Iterator[_Item]:
-    for source, line in _numbered(path, _utf8_lines(path)):
+    for source, line in utf8_lines(path):
         if isinstance(line, DataError):
             yield source, line
             continue
@@ -323,16 +382,34 @@ def _read_hf(name: str, split: str) -> Iterator[_Item]:
         raise DataError(
             f"reading the Hugging Face dataset {name!r} needs the 'datasets' package: pip install 'qatune[datasets]'"
         ) from e
+    try:
+        dataset = _load_hf(datasets, name, split)
+    except ConnectionError as e:  # offline, or the Hub unreachable (after datasets' own retries)
+        raise DataError(f"hf:{name}: could not be fetched from the Hugging Face Hub ({_first_line(e)}); fetch it "
+                        "once online (datasets keeps it in its cache), or download its files and pass their path"
+                        ) from None
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:  # not found, no data files, bad split
+        cause = f" ({_first_line(e.__cause__)})" if e.__cause__ else ""
+        raise DataError(f"{name}: could not be loaded with datasets: {_first_line(e)}{cause}") from None
+    for i, record in enumerate(dataset):
+        yield f"{name}:{split}:{i}", record
+
+
+def _load_hf(datasets: Any, name: str, split: str) -> Any:
     path = Path(name)
     if path.is_file():  # a local data file: use the matching generic builder
         builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"cannot load {name} with datasets: unsupported extension {path.suffix!r}")
-        dataset = datasets.load_dataset(builder, data_files=str(path), split=split)
-    else:
-        dataset = datasets.load_dataset(name, split=split)
-    for i, record in enumerate(dataset):
-        yield f"{name}:{split}:{i}", record
+        return datasets.load_dataset(builder, data_files=str(path), split=split)
+    if path.exists() and not path.is_dir():
+        check_data_file(name)  # a device or a pipe
+    return datasets.load_dataset(name, split=split)  # a directory of data files, or a dataset on the Hub
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _convert(items: Iterator[_Item], options: _Options, report: DataReport) -> list[QAExample]:
@@ -374,7 +451,7 @@ def _to_example(record: dict[str, Any], source: str, options: _Options, report: 
     answer_key = fields.answer or _first_present(record, ANSWER_KEYS)
     if answer_key is None or answer_key not in record:
         raise _missing(record, source, answer_key or "answer", () if fields.answer else ANSWER_KEYS)
-    answers = _texts(record[answer_key], options.aliases_sep)
+    answers = _texts(record, answer_key, source, options.aliases_sep)
     if not question.strip():
         raise DataError(f"{source}: empty question: field {question_key or 'context'!r}")
     if record.get("is_impossible") or not answers:
@@ -382,7 +459,7 @@ def _to_example(record: dict[str, Any], source: str, options: _Options, report: 
     aliases_key = fields.aliases or ("aliases" if "aliases" in record else None)
     if aliases_key is not None and aliases_key not in record:
         raise _missing(record, source, aliases_key, ())
-    extra = _texts(record[aliases_key], options.aliases_sep) if aliases_key else []
+    extra = _texts(record, aliases_key, source, options.aliases_sep) if aliases_key else []
     if not answers[0]:
         raise DataError(f"{source}: empty answer: field {answer_key!r}")
     return QAExample(question.strip(), answers[0], _dedupe(answers + extra), context, source)
@@ -414,27 +491,50 @@ def _missing(record: dict[str, Any], source: str, name: str, alternatives: tuple
 def _text(record: dict[str, Any], key: str, source: str) -> str:
     if key not in record:
         raise _missing(record, source, key, ())
-    value = record[key]
+    return _as_text(record[key], source, key)
+
+
+def _as_text(value: Any, source: str, field: str) -> str:
+    """A field's text. A number is accepted as the text it is written as (an answer "1945" written 1945); true,
+    false, NaN, objects and lists are not text: an error naming the field."""
     if value is None:
         return ""
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise DataError(f"{source}: invalid field {key!r}: expected text, got {type(value).__name__}")
+    if isinstance(value, float) and math.isfinite(value):
+        return str(value)  # a JSON number keeps its written form ("1.50"), see textfiles
+    raise DataError(f"{source}: invalid field {field!r}: expected text, got {_kind(value)}")
 
 
-def _texts(value: Any, sep: str | None) -> list[str]:
-    """Answers in any of the usual shapes -> stripped strings, first one is the main answer."""
-    if isinstance(value, dict):  # Hugging Face SQuAD: {"text": [...], "answer_start": [...]}
-        value = value.get("text", [])
+def _texts(record: dict[str, Any], key: str, source: str, sep: str | None) -> list[str]:
+    """Answers in any of the usual shapes -> stripped strings, first one is the main answer: a string (split on
+    `sep` for CSV cells), a list of them, or Hugging Face SQuAD's {"text": [...], "answer_start": [...]}."""
+    value, field = record[key], key
+    if isinstance(value, dict):
+        if "text" not in value:  # an object is not "no answer": say what it lacks
+            raise DataError(f"{source}: invalid field {field!r}: expected text, a list of texts or an object with "
+                            f"'text' (SQuAD), got an object with {', '.join(map(repr, value)) or 'no fields'}")
+        value, field = value["text"], f"{key}.text"
     if value is None:
         return [""]  # a null answer is an empty (invalid) answer, not an unanswerable question
     if isinstance(value, str):
-        values = value.split(sep) if sep else [value]
-    elif isinstance(value, (list, tuple)):
-        values = list(value)
-    else:
-        values = [value]
-    return [str(v).strip() for v in values]
+        return [v.strip() for v in (value.split(sep) if sep else [value])]
+    if isinstance(value, (list, tuple)):
+        return [_as_text(v, source, f"{field}[{i}]").strip() for i, v in enumerate(value)]
+    return [_as_text(value, source, field).strip()]
+
+
+def _kind(value: Any) -> str:
+    """A value's type as JSON names it, for messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("nan", "NaN").replace("inf", "Infinity")
+    names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+             type(None): "null"}
+    return next((name for kind, name in names.items() if isinstance(value, kind)), type(value).__name__)
 
 
 def _dedupe(texts: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ and, for your own sets, a friendlier variant:
 - `choices`: a list of at least 2 non-empty strings.
 - the correct choice: `gold`, `answer` or `label` (the first present, in that order), a 0-based index into
   `choices`; `answer` may also be the text of exactly one of the choices.
+- the file is UTF-8 JSON Lines, read strictly (`qatune.data.textfiles`): a key twice in a record is an error.
 A record that breaks a rule is a `DataError` naming `file:line` and the field.
 
 Scoring, as lm-eval-harness scores multiple choice (and llm-foundry builds the prompt): for each choice, the
@@ -54,7 +55,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qatune.errors import DataError
+from qatune.data.textfiles import parse_json_line, utf8_lines
+from qatune.errors import ConfigError, DataError
 from qatune.generation.runs import load_for_inference
 from qatune.models.decoder import Decoder, KVCache
 from qatune.runs.layout import EvalDir, RunDir
@@ -79,22 +81,15 @@ class MCItem:
 
 def load_mc(path: str | os.PathLike, *, max_examples: int | None = None) -> list[MCItem]:
     """The items of a multiple-choice JSONL file (the first `max_examples`), validated (see the module doc)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+    if max_examples is not None and max_examples < 1:
+        raise ConfigError(f"max_examples must be at least 1, got {max_examples}")
     items: list[MCItem] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if max_examples is not None and len(items) >= max_examples:
-                break
-            if not line.strip():
-                continue
-            source = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source}: invalid JSON: {e}") from None
-            items.append(parse_mc_record(record, source))
+    for source, line in utf8_lines(path):  # a regular UTF-8 file; a bad line is a DataError naming it
+        if max_examples is not None and len(items) >= max_examples:
+            break
+        if isinstance(line, DataError):
+            raise line
+        items.append(parse_mc_record(parse_json_line(line, source), source))
     if not items:
         raise DataError(f"{path}: no multiple-choice items")
     return items
