@@ -273,13 +273,7 @@ def fuzz_results(tmp_path_factory) -> dict[str, dict[str, Any]]:
     return _fuzz(tmp_path_factory, "light")
 
 
-# The YAML readers (`load_config`, `load_sweep`) are not this test's to fix: on this branch they still raise
-# tracebacks (TypeError, AttributeError, RecursionError, a ValueError for a 5000-digit integer) and name the key, not
-# the file, in their validation errors. Strict: once fixed elsewhere, the mark must go.
-_YAML_PENDING = pytest.mark.xfail(strict=True, reason="issue 17: config/sweep parsing belongs to training/config.py, "
-                                                      "compare/sweep.py and utils/yamlfile.py")
-READERS = ["jsonl", "json", "csv", "squad", "mc", pytest.param("config", marks=_YAML_PENDING),
-           pytest.param("sweep", marks=_YAML_PENDING)]
+READERS = ["jsonl", "json", "csv", "squad", "mc", "config", "sweep"]
 
 
 def _failures(found: dict[str, Any], kind: str) -> str:

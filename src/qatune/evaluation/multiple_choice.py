@@ -44,7 +44,6 @@ with each choice's log-probability and the per-item correctness a paired bootstr
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time

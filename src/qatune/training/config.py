@@ -166,7 +166,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = parse_yaml(value, f"override {item!r}") if value.strip() else None
-    return build(RunConfig, raw)
+    try:
+        return build(RunConfig, raw)
+    except ConfigError as e:
+        # A bad value names its key; one that came from the file names the file too (an override names itself).
+        if path is None or any(item.partition("=")[0].strip() in str(e) for item in overrides):
+            raise
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:

@@ -46,6 +46,16 @@ class _QatuneLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_yaml_int(self, node):
+        """An integer too long for Python to convert (over 4300 digits) is refused at its position."""
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError as e:
+            raise _Refused(node.start_mark, f"integer refused: {e}") from None
+
+
+_QatuneLoader.add_constructor("tag:yaml.org,2002:int", _QatuneLoader.construct_yaml_int)
+
 
 def _where(source: str, mark: yaml.Mark | None) -> str:
     return f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
