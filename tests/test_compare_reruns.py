@@ -20,7 +20,7 @@ def _write_sweep(path: Path, model: Path, source: Path, test: Path, **train) -> 
     sweep = {
         "name": "rerun", "models": [str(model)], "methods": ["full"], "seeds": [0], "zero_shot": True,
         "slices": {"train": {"source": str(source), "start": 0, "stop": 40}},
-        "base": {"data": {"train": "slice:train", "max_length": 64},
+        "base": {"data": {"train": "slice:train", "val": str(path.parent / "val.jsonl"), "max_length": 64},
                  "train": {"max_steps": 2, "batch_size": 4, "eval_every": 1, "progress": False, **train}},
         "eval": {"data": str(test), "generation": {"max_new_tokens": 2}},
     }
@@ -35,8 +35,9 @@ def test_rerun_redoes_changed_evaluations_and_refuses_changed_trainings(qa_gpt2_
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
     sample_test = Path(DATA_ALIASES["sample-test"]).read_text().splitlines(keepends=True)
-    source, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    source, test, val = tmp_path / "train.jsonl", tmp_path / "test.jsonl", tmp_path / "val.jsonl"
     source.write_text(Path(DATA_ALIASES["sample"]).read_text())
+    val.write_text("".join(source.read_text().splitlines(keepends=True)[200:208]))
     test.write_text("".join(sample_test[:6]))
     sweep, out = tmp_path / "sweep.yaml", tmp_path / "out"
     _write_sweep(sweep, qa_gpt2_dir, source, test, lr=1e-3)
@@ -76,6 +77,13 @@ def test_rerun_redoes_changed_evaluations_and_refuses_changed_trainings(qa_gpt2_
     with pytest.raises(ConfigError, match=rf"{full.name} \(data\.train: slice train changed"):
         run_sweep(sweep, out)
     assert slice_file.read_text() == trained_on
+
+    # a training data file edited in place (same name): refused
+    source.write_text("".join(reversed(source.read_text().splitlines(keepends=True))))  # as it was
+    val.write_text("".join(source.read_text().splitlines(keepends=True)[210:218]))
+    with pytest.raises(ConfigError, match=rf"{full.name} \(data\.val: the content of {val} changed"):
+        run_sweep(sweep, out)
+    assert (out / "report.md").read_text() == report
 
 
 def _grid_sweep(tmp_path: Path, templates: list[str], **extra) -> Path:

@@ -6,11 +6,12 @@
   summary.json digest, or the base model), the data file (path, SHA-256, size) and every setting it was called
   with (task, format, template, prompt format, shots, generation, max examples...). An evaluation whose spec
   differs from the sweep's, or that has none, is removed and made again: evaluating is cheap;
-- a training is described by the run's own config.yaml (what `qatune train` resolved) and by the slice files it
-  read. A run whose config differs from the sweep's in a key that changes the result, or whose slice would be
-  rewritten (its source file changed), is refused before anything is written: training is expensive, and
-  resuming it with other settings would mix two. The error names each run and key; use another --out or
-  remove those runs.
+- a training is described by the run's own config.yaml (what `qatune train` resolved) and by the data files it
+  read (SHA-256 and size of data.train and data.val, recorded in OUT/trainings.json when it starts). A run
+  whose config differs from the sweep's in a key that changes the result, whose data file changed, or whose
+  slice would be rewritten (its source file changed), is refused before anything is written: training is
+  expensive, and resuming it with other settings would mix two. The error names each run and key; use another
+  --out or remove those runs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _NOT_RESULTS = {"out", "resume", "overwrite", "train.progress", "train.log_every
                 "train.tensorboard", "train.run_group", "train.keep_checkpoints", "train.save_every"}
 _PATH_KEYS = ("model", "tokenizer", "data.train", "data.val")  # the same file however the path is spelled
 _DATA_KEYS = ("data.train", "data.val")
+TRAINING_INPUTS = "trainings.json"  # OUT/trainings.json: run name -> the data files it was trained from
 
 
 # ------------------------------------------------------------------------------------------------ evaluations
@@ -74,11 +76,16 @@ def record_spec(where: EvalDir, spec: dict[str, Any]) -> None:
 
 
 def file_fingerprint(data: str | Path) -> dict[str, Any]:
-    """A data argument's path and, for a local file, its SHA-256 and size (`hf:` data has only its name)."""
+    """A data argument's path and, for a local file or directory of files, the SHA-256 and size of its content
+    (`hf:` data has only its name)."""
     path = Path(resolve_data(data))
-    if not path.is_file():
+    if path.is_file():
+        return {"path": str(path), "sha256": _digest(path.read_bytes()), "bytes": path.stat().st_size}
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
+    if not files:
         return {"path": str(data)}
-    return {"path": str(path), "sha256": _digest(path.read_bytes()), "bytes": path.stat().st_size}
+    listing = "".join(f"{f.relative_to(path)}\0{_digest(f.read_bytes())}\n" for f in files)  # names and contents
+    return {"path": str(path), "sha256": _digest(listing.encode()), "bytes": sum(f.stat().st_size for f in files)}
 
 
 def _model_identity(source: str | Path) -> dict[str, Any]:
@@ -100,6 +107,7 @@ def refuse_changed_trainings(sweep: Sweep, out: Path, configs: dict[str, dict[st
     """Refuse, before anything is written, when a run already started in `out` was trained with other settings
     than the sweep now gives it: every such run and key in one error."""
     rewritten = changed_slices(sweep, out / "data")
+    recorded = _read_record(out / TRAINING_INPUTS)
     problems = []
     for name, config in configs.items():
         saved = RunDir(out / "runs" / name).read_config()
@@ -109,11 +117,42 @@ def refuse_changed_trainings(sweep: Sweep, out: Path, configs: dict[str, dict[st
         differences = config_differences(saved, wanted)
         differences += [f"{key}: {slice_name} changed (its source file is not what the run was trained on)"
                         for key, slice_name in _slices_read(wanted, rewritten)]
+        differences += _data_differences(recorded.get(name, {}), wanted)
         if differences:
             problems.append(f"{out / 'runs' / name} ({'; '.join(differences)})")
     if problems:
         raise ConfigError(f"these runs were trained with other settings than the sweep gives them now: "
                           f"{', '.join(problems)}. Use another --out, or remove those runs to train them again")
+
+
+def record_training_inputs(out: Path, name: str, config: dict[str, Any]) -> None:
+    """Before a run trains: the content of the data files it reads, for the next rerun to compare with."""
+    record = _read_record(out / TRAINING_INPUTS)
+    record[name] = training_inputs(config)
+    atomic_write_text(out / TRAINING_INPUTS, json.dumps(record, indent=2) + "\n")
+
+
+def training_inputs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """data.train / data.val -> SHA-256 and size of their content (local files only; the path is the config's)."""
+    flat = flatten(config)
+    found = {key: file_fingerprint(flat[key]) for key in _DATA_KEYS if isinstance(flat.get(key), str)}
+    return {key: {"sha256": f["sha256"], "bytes": f["bytes"]} for key, f in found.items() if "sha256" in f}
+
+
+def _data_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    now = training_inputs(wanted)
+    return [f"{key}: the content of {flatten(wanted)[key]} changed since the run was trained on it (SHA-256 "
+            f"{recorded[key]['sha256'][:12]}... -> {now[key]['sha256'][:12]}...)"
+            for key in sorted(recorded.keys() & now.keys()) if recorded[key] != now[key]]
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): remove it, or use another --out") from None
 
 
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

@@ -16,8 +16,8 @@ sweep still gives them the same settings (`provenance.py`): an evaluation made w
 made again, a run trained with another config or slice is refused before anything is written.
 
 Layout under OUT: `data/` (slices), `configs/NAME.yaml`, `runs/NAME/` (train's run directory, `eval/` for the
-test set, `eval-<extra>/` for each extra set, `train.log`), `selection.json`, `sweep.json` (wall time of each
-invocation), `results.json`, `report.md` and the plots.
+test set, `eval-<extra>/` for each extra set, `train.log`), `trainings.json` (the data each run trained on),
+`selection.json`, `sweep.json` (wall time of each invocation), `results.json`, `report.md` and the plots.
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ from typing import Any
 
 import yaml
 
-from qatune.compare.provenance import evaluation_spec, is_current, record_spec, refuse_changed_trainings
+from qatune.compare.provenance import (
+    evaluation_spec,
+    is_current,
+    record_spec,
+    record_training_inputs,
+    refuse_changed_trainings,
+)
 from qatune.compare.report import write_report
 from qatune.compare.results import collect_results, selection_value
 from qatune.compare.sweep import Point, Run, Sweep, confined, load_sweep, slice_paths, substitute, write_slices
@@ -69,11 +75,11 @@ def _carry_out(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]], star
     _record_invocation(out / "sweep.json", started)  # counted from its start, even if it is killed at once
     try:
         for run in sweep.candidates():
-            ensure_trained(out, run, started)
+            ensure_trained(out, run, configs[run.name], started)
         picks = select(sweep, out)
         finals = sweep.finals(picks)
         for run in finals:
-            ensure_trained(out, run, started)
+            ensure_trained(out, run, configs[run.name], started)
         evaluations = sweep.baselines() + finals
         for i, run in enumerate(evaluations, start=1):
             ensure_evaluated(sweep, out, run, f"[{i}/{len(evaluations)}] {run.name}", started)
@@ -123,11 +129,12 @@ def write_inputs(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]]) ->
         atomic_write_text(out / "configs" / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
-def ensure_trained(out: Path, run: Run, started: float) -> None:
+def ensure_trained(out: Path, run: Run, config: dict[str, Any], started: float) -> None:
     run_dir = out / "runs" / run.name
     if RunDir(run_dir).summary.is_file():
         return
     _log(f"{run.name}: training (log: {run_dir / 'train.log'})")
+    record_training_inputs(out, run.name, config)  # what it reads, for a rerun to compare with
     _train(out / "configs" / f"{run.name}.yaml", run_dir)
     _record_invocation(out / "sweep.json", started)
 
