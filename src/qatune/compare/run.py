@@ -55,7 +55,8 @@ from qatune.runs.layout import RunDir, lock_directory
 from qatune.training.config import config_from_dict
 from qatune.utils.io import atomic_write_text
 
-_MAX_FILE_NAME_BYTES = 240  # 255, less the 15 bytes that an atomic write's temporary adds (.NAME.tmp-XXXXXXXX)
+_MAX_FILE_NAME_BYTES = 255 - len(".") - len(".tmp-12345678")  # room for an atomic write's temporary: .NAME.tmp-XXXXXXXX
+
 
 def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
     """Run (or resume) every run of the sweep, then write results.json and report.md; returns the report path."""
