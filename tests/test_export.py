@@ -320,6 +320,33 @@ def test_model_card_names_hub_base_model_and_dataset():
         ("exact_match", 50.0, "rajpurkar/squad")]
 
 
+def test_published_card_names_files_not_the_directories_they_were_in(qa_gpt2_dir, tmp_path):
+    """A run trained from a local model on absolute data paths: the card `qatune push` publishes says the file
+    and folder names only; no directory of the training machine (its home, user name, layout) appears."""
+    from qatune.data.readers import DATA_ALIASES
+
+    private = tmp_path / "home" / "someone" / "secret-project"
+    private.mkdir(parents=True)
+    lines = Path(DATA_ALIASES["sample"]).read_text().splitlines(keepends=True)
+    (private / "train.jsonl").write_text("".join(lines[:40]))
+    (private / "val.jsonl").write_text("".join(lines[40:48]))
+    (private / "test.jsonl").write_text("".join(lines[48:52]))
+    model = private / "base-model"
+    shutil.copytree(qa_gpt2_dir, model)
+    run = tmp_path / "run"
+    train_model(load_config(None, [f"model={model}", "method=full", f"data.train={private / 'train.jsonl'}",
+                                   f"data.val={private / 'val.jsonl'}", "train.max_steps=1", "train.batch_size=4",
+                                   "train.progress=false", f"out={run}"]))
+    assert main(["eval", str(run), "--data", str(private / "test.jsonl"), "--max-new-tokens", "2"]) == 0
+    assert str(private) in (run / "config.yaml").read_text()  # the run keeps its own paths; the card does not
+    assert main(["push", str(run), "me/model", "--dry-run"]) == 0
+    card = (run / "model" / "README.md").read_text()
+    assert "| data.train | train.jsonl |" in card and "| data.val | val.jsonl |" in card
+    assert "| base model | base-model |" in card and "of `base-model`" in card
+    assert "| data | test.jsonl |" in card
+    assert str(tmp_path) not in card and "someone" not in card and "secret-project" not in card
+
+
 def test_push_dry_run_lists_files_and_upload_goes_through_hf_api(lora_run, monkeypatch, capsys):
     assert main(["push", str(lora_run), "me/my-adapter", "--dry-run"]) == 0
     listing = capsys.readouterr().out

@@ -11,11 +11,13 @@
 Each training runs in its own `python -m qatune train` process, so a killed sweep leaves only files that `train`
 itself leaves consistent (atomic checkpoints, summary.json written last), and every run's peak memory is its own.
 Resuming is rerunning: a trained run (summary.json) is never trained again, an evaluation with its metrics.json
-is never redone, a run with checkpoints but no summary resumes from its last checkpoint (exact).
+is never redone, a run with checkpoints but no summary resumes from its last checkpoint (exact), as long as the
+sweep still gives them the same settings (`provenance.py`): an evaluation made with other settings or data is
+made again, a run trained with another config or slice is refused before anything is written.
 
 Layout under OUT: `data/` (slices), `configs/NAME.yaml`, `runs/NAME/` (train's run directory, `eval/` for the
-test set, `eval-<extra>/` for each extra set, `train.log`), `selection.json`, `sweep.json` (wall time of each
-invocation), `results.json`, `report.md` and the plots.
+test set, `eval-<extra>/` for each extra set, `train.log`), `trainings.json` (the data each run trained on),
+`selection.json`, `sweep.json` (wall time of each invocation), `results.json`, `report.md` and the plots.
 """
 
 from __future__ import annotations
@@ -26,12 +28,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from qatune.compare.provenance import (
+    evaluation_spec,
+    is_current,
+    record_spec,
+    record_training_inputs,
+    refuse_changed_trainings,
+)
 from qatune.compare.report import write_report
 from qatune.compare.results import collect_results, selection_value
 from qatune.compare.sweep import (
@@ -46,7 +56,7 @@ from qatune.compare.sweep import (
     write_slices,
 )
 from qatune.data.prompts import draw_shots
-from qatune.data.readers import load_examples
+from qatune.data.readers import load_examples, resolve_data
 from qatune.errors import ConfigError, QatuneError
 from qatune.evaluation.measure import evaluate
 from qatune.evaluation.multiple_choice import evaluate_multiple_choice
@@ -54,6 +64,8 @@ from qatune.generation.decode import GenerationConfig
 from qatune.runs.layout import RunDir, lock_directory
 from qatune.training.config import config_from_dict
 from qatune.utils.io import atomic_write_text
+
+_MAX_FILE_NAME_BYTES = 255 - len(".") - len(".tmp-12345678")  # room for an atomic write's temporary: .NAME.tmp-XXXXXXXX
 
 
 def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
@@ -69,15 +81,16 @@ def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
 
 
 def _carry_out(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]], started: float) -> Path:
+    refuse_changed_trainings(sweep, out, configs)  # under the lock, before the first write
     write_inputs(sweep, out, configs)
     _record_invocation(out / "sweep.json", started)  # counted from its start, even if it is killed at once
     try:
         for run in sweep.candidates():
-            ensure_trained(out, run, started)
+            ensure_trained(out, run, configs[run.name], started)
         picks = select(sweep, out)
         finals = sweep.finals(picks)
         for run in finals:
-            ensure_trained(out, run, started)
+            ensure_trained(out, run, configs[run.name], started)
         evaluations = sweep.baselines() + finals
         for i, run in enumerate(evaluations, start=1):
             ensure_evaluated(sweep, out, run, f"[{i}/{len(evaluations)}] {run.name}", started)
@@ -93,6 +106,7 @@ def _carry_out(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]], star
 def prepare(sweep: Sweep, out: Path) -> dict[str, dict[str, Any]]:
     """`slice:` names replaced by their files' paths and every run's train config built and validated; nothing
     is written (a typo fails now, not in an hour, and leaves no trace). Returns the configs by run name."""
+    _check_file_names(sweep)
     paths = slice_paths(sweep, confined(out, "data"))
     sweep.base, sweep.eval = substitute(sweep.base, paths), substitute(sweep.eval, paths)
     sweep.extra_eval = substitute(sweep.extra_eval, paths)
@@ -104,6 +118,21 @@ def prepare(sweep: Sweep, out: Path) -> dict[str, dict[str, Any]]:
     return configs
 
 
+def _check_file_names(sweep: Sweep) -> None:
+    """Every file name the sweep makes from its runs, slices and extra sets fits the file system (255 bytes, with
+    room for the temporary name of an atomic write), checked before the first write: a long name must not fail
+    an hour into the sweep. Run names bound themselves (`bounded_name`); slice and extra-set names are the user's."""
+    names = [(f"run {run.name}", f"{run.name}.yaml") for run in sweep.every_trainable() + sweep.baselines()]
+    names += [(f"slice {name}", f"{name}{Path(resolve_data(spec.source)).suffix}")
+              for name, spec in sweep.slices.items()]
+    names += [(f"extra_eval {spec.name}", RunDir(Path()).eval_named(spec.name).path.name)
+              for spec in sweep.extra_eval]
+    for what, file_name in names:
+        if len(file_name.encode("utf-8")) > _MAX_FILE_NAME_BYTES:
+            raise ConfigError(f"{sweep.path}: the file name of {what[:60]}... is {len(file_name.encode('utf-8'))} "
+                              f"bytes long, more than a file system allows ({_MAX_FILE_NAME_BYTES}); shorten it")
+
+
 def write_inputs(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]]) -> None:
     """The slices and each run's train config, once the whole sweep has been validated."""
     write_slices(sweep, out / "data")
@@ -111,11 +140,12 @@ def write_inputs(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]]) ->
         atomic_write_text(out / "configs" / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
-def ensure_trained(out: Path, run: Run, started: float) -> None:
+def ensure_trained(out: Path, run: Run, config: dict[str, Any], started: float) -> None:
     run_dir = out / "runs" / run.name
     if RunDir(run_dir).summary.is_file():
         return
     _log(f"{run.name}: training (log: {run_dir / 'train.log'})")
+    record_training_inputs(out, run.name, config)  # what it reads, for a rerun to compare with
     _train(out / "configs" / f"{run.name}.yaml", run_dir)
     _record_invocation(out / "sweep.json", started)
 
@@ -149,20 +179,23 @@ def pick_point(scored: list[tuple[Run, float | None]], *, higher_is_better: bool
 
 
 def ensure_evaluated(sweep: Sweep, out: Path, run: Run, tag: str, started: float) -> None:
-    """The test set (run_dir/eval) and every extra set (run_dir/eval-NAME), each skipped when already done."""
+    """The test set (run_dir/eval) and every extra set (run_dir/eval-NAME), each skipped when already done with
+    the settings the sweep gives now; one done with other settings is removed and made again."""
     run_dir = RunDir(out / "runs" / run.name)
-    todo = [(run_dir.eval, None)] + [(run_dir.eval_named(spec.name), spec) for spec in sweep.extra_eval
-                                     if run.method != "k-shot"]  # k-shot is a baseline of the test task only
-    missing = [(where, spec) for where, spec in todo if not where.done()]
+    todo = [(run_dir.eval, _test_call(sweep, run, run_dir))]
+    todo += [(run_dir.eval_named(spec.name), _extra_call(sweep, run, run_dir, spec)) for spec in sweep.extra_eval
+             if run.method != "k-shot"]  # k-shot is a baseline of the test task only
+    jobs = [(where, function, kwargs, evaluation_spec(function.__name__, kwargs)) for where, (function, kwargs) in todo]
+    missing = [job for job in jobs if not is_current(job[0], job[3])]
     if not missing:
         _log(f"{tag}: done, skipped")
         return
-    for _, spec in missing:
-        _log(f"{tag}: evaluating on {spec.data if spec else sweep.eval.data}")
-        if spec is None:
-            _evaluate_test(sweep, run, run_dir)
-        else:
-            _evaluate_extra(sweep, run, run_dir, spec)
+    for where, function, kwargs, spec in missing:
+        stale = where.path.exists()
+        _log(f"{tag}: evaluating on {kwargs['data']}" + (" (again: the sweep's settings changed)" if stale else ""))
+        where.discard()  # nothing of an evaluation made with other settings survives into this one
+        function(**kwargs, out_dir=where.path, progress=False)
+        record_spec(where, spec)
         _record_invocation(out / "sweep.json", started)
 
 
@@ -170,30 +203,33 @@ def _source(run: Run, run_dir: RunDir) -> str | Path:
     return run_dir.path if run.trained else run.model
 
 
-def _evaluate_test(sweep: Sweep, run: Run, run_dir: RunDir) -> None:
+def _test_call(sweep: Sweep, run: Run, run_dir: RunDir) -> tuple[Callable[..., Any], dict[str, Any]]:
     """A trained run in its own prompt format and max_length; a baseline in the sweep's (auto: the model's own)."""
     ev, data = sweep.eval, sweep.base.get("data", {})
     shots = _shots(sweep) if run.method == "k-shot" else []
-    evaluate(_source(run, run_dir), ev.data, out_dir=run_dir.eval.path,
-             template=ev.template or (None if run.trained else data.get("template")),
-             prompt_format=ev.prompt_format or (None if run.trained else data.get("prompt_format")),
-             shots=shots, max_length=None if run.trained else data.get("max_length"),
-             generation=GenerationConfig(**ev.generation), batch_size=ev.batch_size,
-             max_examples=ev.max_examples, task=ev.task, fmt=ev.format, loss=ev.loss, progress=False)
+    return evaluate, dict(
+        source=_source(run, run_dir), data=ev.data,
+        template=ev.template or (None if run.trained else data.get("template")),
+        prompt_format=ev.prompt_format or (None if run.trained else data.get("prompt_format")),
+        shots=shots, max_length=None if run.trained else data.get("max_length"),
+        generation=GenerationConfig(**ev.generation), batch_size=ev.batch_size,
+        max_examples=ev.max_examples, task=ev.task, fmt=ev.format,
+        loss=ev.loss)
 
 
-def _evaluate_extra(sweep: Sweep, run: Run, run_dir: RunDir, spec: ExtraEval) -> None:
-    out_dir = run_dir.eval_named(spec.name).path
+def _extra_call(sweep: Sweep, run: Run, run_dir: RunDir,
+                spec: ExtraEval) -> tuple[Callable[..., Any], dict[str, Any]]:
     if spec.task == "mc":
-        evaluate_multiple_choice(_source(run, run_dir), spec.data, out_dir=out_dir,
-                                 max_examples=spec.max_examples, batch_size=spec.batch_size, progress=False)
-        return
+        return evaluate_multiple_choice, dict(source=_source(run, run_dir), data=spec.data,
+                                              max_examples=spec.max_examples,
+                                              batch_size=spec.batch_size)
     data = sweep.base.get("data", {})
-    evaluate(_source(run, run_dir), spec.data, out_dir=out_dir,
-             template=None if run.trained else data.get("template"),
-             prompt_format=None if run.trained else data.get("prompt_format"),
-             generation=GenerationConfig(**sweep.eval.generation), batch_size=spec.batch_size,
-             max_examples=spec.max_examples, task=spec.task, fmt=spec.format, loss=False, progress=False)
+    return evaluate, dict(
+        source=_source(run, run_dir), data=spec.data, template=None if run.trained else data.get("template"),
+        prompt_format=None if run.trained else data.get("prompt_format"),
+        generation=GenerationConfig(**sweep.eval.generation),
+        batch_size=spec.batch_size, max_examples=spec.max_examples, task=spec.task,
+        fmt=spec.format, loss=False)
 
 
 def _shots(sweep: Sweep) -> list:

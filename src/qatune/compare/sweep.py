@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ EXTRA_TASKS = ("qa", "nlg", "mc")
 METHODS = ("full", "lora")
 Point = tuple[tuple[str, Any], ...]  # a grid point: (dotted config key, value) pairs
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # slice names: one plain file name, never a path
+MAX_NAME_BYTES = 100  # a run's name, before its seed: it becomes directory and file names (255 bytes at most)
 
 
 def model_label(model: str) -> str:
@@ -42,6 +44,17 @@ def model_label(model: str) -> str:
 
 def _value_tag(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def bounded_name(name: str) -> str:
+    """`name` when it fits MAX_NAME_BYTES; else a readable prefix and 10 hex digits of the whole name's SHA-256,
+    so that a long grid value (a template) still makes a valid file name, and two that differ only at the end
+    still make different ones."""
+    raw = name.encode("utf-8")
+    if len(raw) <= MAX_NAME_BYTES:
+        return name
+    head = raw[:MAX_NAME_BYTES - 11].decode("utf-8", errors="ignore")  # never half a character
+    return f"{head}-{hashlib.sha256(raw).hexdigest()[:10]}"
 
 
 @dataclass(frozen=True)
@@ -68,11 +81,11 @@ class Run:
     def name(self) -> str:
         label = model_label(self.model)
         if self.method == "zero-shot":
-            return f"{label}-zero-shot"
+            return bounded_name(f"{label}-zero-shot")
         if self.method == "k-shot":
-            return f"{label}-{self.shots}-shot"
+            return bounded_name(f"{label}-{self.shots}-shot")
         tag = "".join(f"-{key.rpartition('.')[2]}{_value_tag(value)}" for key, value in self.point)
-        return f"{label}-{self.method}" + (f"-r{self.rank}" if self.rank else "") + tag + f"-s{self.seed}"
+        return bounded_name(f"{label}-{self.method}" + (f"-r{self.rank}" if self.rank else "") + tag) + f"-s{self.seed}"
 
 
 class _SweepSection:
@@ -279,13 +292,18 @@ def write_slices(sweep: Sweep, data_dir: Path) -> dict[str, str]:
     written to `data/NAME<suffix>` so that `slice:NAME` can stand for a fixed, documented split."""
     paths = slice_paths(sweep, data_dir)
     for name, spec in sweep.slices.items():
-        source = Path(resolve_data(spec.source))
-        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[spec.start or 0:spec.stop]
+        text = slice_text(spec)
         target = Path(paths[f"slice:{name}"])
         data_dir.mkdir(parents=True, exist_ok=True)
-        if not target.is_file() or target.read_text(encoding="utf-8") != "".join(lines):
-            atomic_write_text(target, "".join(lines))
+        if not target.is_file() or target.read_text(encoding="utf-8") != text:
+            atomic_write_text(target, text)
     return paths
+
+
+def slice_text(spec: SliceSpec) -> str:
+    """What a slice's file holds: lines [start, stop) of its source, as they are now."""
+    source = Path(resolve_data(spec.source))
+    return "".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[spec.start or 0:spec.stop])
 
 
 def substitute(node: Any, paths: dict[str, str]) -> Any:

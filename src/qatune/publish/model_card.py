@@ -18,6 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from qatune.data.readers import DATA_ALIASES
 from qatune.runs.layout import RunDir
 from qatune.utils.io import atomic_write_text
 
@@ -64,6 +65,21 @@ def hub_model_id(model: str | None) -> str | None:
     return model
 
 
+def public_model_name(model: str | None) -> str | None:
+    """What the card may say of a base model: its hub id or alias as given, a local path by its folder name only
+    (a published card must not show the directories, user name or home of the machine that trained it)."""
+    if not model or hub_model_id(model) is not None:
+        return model
+    return Path(str(model)).expanduser().name or str(model)
+
+
+def public_data_name(data: str | None) -> str | None:
+    """What the card may say of a data argument: `hf:NAME` and the shipped sample as given, a file by its name."""
+    if not data or hub_dataset_id(data) or str(data) in DATA_ALIASES:
+        return data
+    return Path(str(data)).expanduser().name or str(data)
+
+
 def hub_dataset_id(data: str | None) -> str | None:
     """`hf:NAME` data is the hub dataset NAME; files and the shipped sample are not on the Hub."""
     if data and str(data).startswith("hf:"):
@@ -108,7 +124,7 @@ def render_model_card(name: str, config: dict[str, Any], summary: dict[str, Any]
     """The card's text: YAML metadata, then what the model is, how to use it, how it was trained and measured."""
     data = card_data(name, config, metrics)
     lora = config.get("method") == "lora"
-    base = config.get("model")
+    base = public_model_name(config.get("model"))
     parts = [
         f"---\n{data.to_yaml()}\n---\n",
         f"# {name}\n",
@@ -139,7 +155,7 @@ def _usage(base: str | None, lora: bool) -> str:
 
 def _training_rows(config: dict[str, Any]) -> list[tuple[str, Any]]:
     t, lora = config.get("train") or {}, config.get("lora") or {}
-    rows = [("base model", config.get("model")), ("method", config.get("method"))]
+    rows = [("base model", public_model_name(config.get("model"))), ("method", config.get("method"))]
     rows += [(f"train.{k}", t.get(k)) for k in ("epochs", "max_steps", "batch_size", "grad_accum", "lr",
                                                  "schedule", "warmup_steps", "weight_decay", "precision", "seed")]
     if config.get("method") == "lora":
@@ -149,7 +165,7 @@ def _training_rows(config: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def _data_section(data: dict[str, Any], summary: dict[str, Any] | None) -> str:
     keys = ("train", "val", "val_fraction", "format", "prompt_format", "max_length", "max_examples", "answer_only")
-    rows = [(f"data.{k}", data.get(k)) for k in keys]
+    rows = [(f"data.{k}", public_data_name(data.get(k)) if k in ("train", "val") else data.get(k)) for k in keys]
     report = (summary or {}).get("data") or {}
     rows += [(f"records {k}", report[k]) for k in ("read", "kept", "empty", "truncated", "dropped") if k in report]
     if report.get("skipped"):
@@ -168,8 +184,9 @@ def _results(summary: dict[str, Any] | None, metrics: dict[str, Any] | None) -> 
     if metrics:
         keys = ("task", "data", "examples", "loss", "perplexity", *(k for k in _METRICS if k not in
                                                                       ("loss", "perplexity")), "answer_length")
+        public = dict(metrics, data=public_data_name(metrics.get("data")))
         text += "\nEvaluation (`qatune eval`, eval/metrics.json):\n\n" + _table(
-            [(k, metrics.get(k)) for k in keys if metrics.get(k) is not None])
+            [(k, public.get(k)) for k in keys if public.get(k) is not None])
     else:
         text += "\nNot evaluated yet: `qatune eval RUN --data TEST` adds the test figures here.\n"
     return text

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qatune.utils.io import atomic_write_text, is_scratch
+from qatune.utils.io import atomic_write_text, is_scratch, scratch_beside
 from qatune.utils.lock import DirLock
 from qatune.utils.yamlfile import read_yaml
 
@@ -50,6 +50,20 @@ class EvalDir:
     @property
     def predictions(self) -> Path:
         return self.path / "predictions.jsonl"
+
+    @property
+    def spec(self) -> Path:
+        """What the evaluation was made from (written after metrics.json by `compare/provenance.py`)."""
+        return self.path / "spec.json"
+
+    def discard(self) -> None:
+        """Remove the folder atomically: one rename to a scratch name (`.eval.tmp-*`, which a run's cleanup also
+        removes), then the deletion, so that no half-removed evaluation is ever read as one."""
+        if not (self.path.exists() or self.path.is_symlink()):
+            return
+        with scratch_beside(self.path, directory=True) as scratch:
+            os.replace(self.path, scratch)
+        _remove(scratch)
 
     def done(self) -> bool:
         """metrics.json is written last, so its presence means the evaluation is complete."""
