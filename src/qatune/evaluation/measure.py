@@ -86,6 +86,9 @@ def evaluate(
     data_path = resolve_data(data)
     task = resolve_task(task, fmt, data_path)
     examples, inputs = _read(data_path, fmt, task, max_examples)
+    if run is not None:  # before the work: its figures and card go inside the run, never through a link
+        rd = RunDir(source)
+        rd.refuse_links(*(p for p in (rd.result, rd.eval.path if out_dir is None else None) if p is not None))
     model, tokenizer = load_for_inference(source, device=device)
     style = make_prompt_format(prompt_format, template, tokenizer)
     losses: dict[str, Any] = {"loss": None, "perplexity": None, "loss_examples": 0}
