@@ -110,6 +110,14 @@ def relative_base_run(qa_gpt2_dir, tmp_path_factory):
     return home, home / "run"
 
 
+@pytest.fixture(scope="module")
+def lora_run(qa_gpt2_dir, tmp_path_factory) -> Path:
+    """A LoRA run whose base model is named by its absolute path."""
+    run = tmp_path_factory.mktemp("lora") / "run"
+    assert main(_train_args(qa_gpt2_dir, run, "train.max_steps=2", "train.eval_every=100")) == 0
+    return run
+
+
 def test_a_run_loads_its_own_base_model_from_another_folder(relative_base_run, tmp_path, monkeypatch):
     home, run = relative_base_run
     record = json.loads((run / "base.json").read_text())
@@ -161,8 +169,8 @@ def test_a_run_without_base_record_takes_a_relative_path_from_the_run(relative_b
 # ------------------------------------------------------------------------------ 4. merge and export targets
 
 
-def test_merge_replaces_an_existing_model_folder_whole(relative_base_run, qa_gpt2_dir, tmp_path):
-    _, run = relative_base_run
+def test_merge_replaces_an_existing_model_folder_whole(lora_run, qa_gpt2_dir, tmp_path):
+    run = lora_run
     out = tmp_path / "merged"
     old = load_base_model(_perturbed_copy(qa_gpt2_dir, tmp_path / "old", 2.0))
     from transformers import AutoModelForCausalLM
@@ -180,8 +188,8 @@ def test_merge_replaces_an_existing_model_folder_whole(relative_base_run, qa_gpt
     assert not torch.equal(_logits(merged), _logits(old))
 
 
-def test_merge_refuses_a_folder_with_other_files(relative_base_run, tmp_path):
-    _, run = relative_base_run
+def test_merge_refuses_a_folder_with_other_files(lora_run, tmp_path):
+    run = lora_run
     out = tmp_path / "mine"
     out.mkdir()
     (out / "config.json").write_text("{}")
@@ -305,10 +313,10 @@ def test_no_write_goes_through_a_link_in_a_run(qa_gpt2_dir, tmp_path, capsys, na
     assert _snapshot(outside) == before
 
 
-def test_eval_does_not_write_through_a_linked_result(relative_base_run, tmp_path):
+def test_eval_does_not_write_through_a_linked_result(lora_run, tmp_path):
     from qatune.evaluation.measure import evaluate
 
-    _, run = relative_base_run
+    run = lora_run
     copy, outside = tmp_path / "run", tmp_path / "outside"
     shutil.copytree(run, copy)
     shutil.move(copy / "adapter", outside)
