@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qatune.errors import TrainingError
+from qatune.errors import ConfigError, TrainingError
 from qatune.runs.layout import CARD, LOCK, EvalDir, RunDir, lock_directory
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "qatune"
@@ -80,19 +80,35 @@ def test_the_result_is_the_adapter_for_lora_and_the_model_otherwise(tmp_path):
     assert run.result == tmp_path / "adapter"
 
 
-def test_a_run_is_recognised_by_any_of_its_markers(tmp_path):
+def test_a_run_is_recognised_by_its_config(tmp_path):
+    """A run is a folder whose config.yaml is a qatune run config; a folder that merely holds a run's names is
+    none (overwrite=true must not empty it), and a run would not write over them either (`check_target`)."""
     assert not RunDir(tmp_path / "absent").holds_run()
     assert not RunDir(tmp_path).holds_run()  # an empty directory
     (tmp_path / "notes.txt").write_text("mine")
     assert not RunDir(tmp_path).holds_run()
-    for marker in ("config.yaml", "metrics.jsonl", "summary.json"):
+    run_config = "model: gpt2\nmethod: lora\ndata: {train: sample}\ntrain: {lr: 0.001}\n"
+    for name, text, is_run in [("run", run_config, True), ("empty", "", False), ("other", "learning: rate\n", False),
+                               ("partial", "model: gpt2\nmethod: lora\n", False), ("bad", "a: [", False),
+                               ("typed", run_config.replace("model: gpt2", "model: [gpt2]"), False)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(text)
+        assert RunDir(tmp_path / name).holds_run() is is_run, name
+    for marker in ("metrics.jsonl", "summary.json"):
         folder = tmp_path / marker.split(".")[0]
         folder.mkdir()
         (folder / marker).write_text("")
-        assert RunDir(folder).holds_run()
+        assert not RunDir(folder).holds_run()
+        with pytest.raises(ConfigError, match=f"holds {marker} but no qatune run"):
+            RunDir(folder).check_target(replace=False)
     (tmp_path / "ck").mkdir()
-    (tmp_path / "ck" / "checkpoints").symlink_to(tmp_path / "nowhere")  # a dangling link still marks a run
-    assert RunDir(tmp_path / "ck").holds_run()
+    (tmp_path / "ck" / "checkpoints").symlink_to(tmp_path / "nowhere")  # a dangling link is named too
+    with pytest.raises(ConfigError, match="holds checkpoints but no qatune run"):
+        RunDir(tmp_path / "ck").check_target(replace=False)
+    with pytest.raises(ConfigError, match="overwrite=true replaces a qatune run.*holds checkpoints: nothing"):
+        RunDir(tmp_path / "ck").check_target(replace=True)
+    RunDir(tmp_path / "run").check_target(replace=True)  # a run may be replaced
+    RunDir(tmp_path / "absent").check_target(replace=True)
 
 
 def test_clear_removes_the_previous_run_and_nothing_else(tmp_path):

@@ -86,6 +86,7 @@ def evaluate(
     data_path = resolve_data(data)
     task = resolve_task(task, fmt, data_path)
     examples, inputs = _read(data_path, fmt, task, max_examples)
+    _refuse_links(source, run is not None, out_dir)
     model, tokenizer = load_for_inference(source, device=device)
     style = make_prompt_format(prompt_format, template, tokenizer)
     losses: dict[str, Any] = {"loss": None, "perplexity": None, "loss_examples": 0}
@@ -118,6 +119,14 @@ def _run_defaults(run: dict[str, Any] | None, template: str | None, prompt_forma
     run = run or {}
     return (template or run.get("template") or DEFAULT_TEMPLATE, prompt_format or run.get("prompt_format") or "auto",
             max_length or run.get("max_length") or _DEFAULT_MAX_LENGTH)
+
+
+def _refuse_links(source: str | os.PathLike, is_run: bool, out_dir: str | os.PathLike | None) -> None:
+    """Before the work: a run's figures (`eval/`) and card (in its result folder) are written inside the run,
+    never through a symbolic link (`RunDir.refuse_links`)."""
+    if is_run:
+        run = RunDir(source)
+        run.refuse_links(*(p for p in (run.result, run.eval.path if out_dir is None else None) if p is not None))
 
 
 def _save(source: str | os.PathLike, is_run: bool, out_dir: str | os.PathLike | None, metrics: dict[str, Any],

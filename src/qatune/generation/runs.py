@@ -14,7 +14,7 @@ import torch
 from qatune.errors import ModelError
 from qatune.lora.adapters import ADAPTER_CONFIG, load_adapter
 from qatune.models.decoder import Decoder
-from qatune.models.loading import load_base_model
+from qatune.models.loading import ALIASES, load_base_model
 from qatune.models.tokenizer import has_tokenizer, load_tokenizer
 from qatune.runs.layout import RunDir
 
@@ -41,9 +41,10 @@ def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, to
         if result == run_dir.model:
             return load_for_inference(result, dtype=dtype, device=device, tokenizer=tokenizer)
         run = run_dir.read_config()
-        model = load_base_model(run["model"], dtype=dtype, device=device)
+        base = base_model_of(run_dir, str(run["model"]))
+        model = load_base_model(base, dtype=dtype, device=device)
         load_adapter(model, result)
-        tok_source = tokenizer or (result if has_tokenizer(result) else run.get("tokenizer") or run["model"])
+        tok_source = tokenizer or (result if has_tokenizer(result) else run.get("tokenizer") or base)
         return model, load_tokenizer(tok_source)
     if (p / ADAPTER_CONFIG).is_file():
         raise ModelError(f"{p} is an adapter: pass the base model and `--adapter {p}`")
@@ -52,6 +53,36 @@ def load_for_inference(source: str | os.PathLike, *, dtype=None, device=None, to
                          f"finished; continue it with `qatune train ... out={p} resume=true`")
     model = load_base_model(source, dtype=dtype, device=device)
     return model, load_tokenizer(tokenizer or source)
+
+
+def local_model_path(model: str) -> Path | None:
+    """The local file or folder that a `model=` value names, as `load_base_model` decides (None for the alias
+    and for a hub id)."""
+    if model.lower() in ALIASES:
+        return None
+    path = Path(model).expanduser()
+    return path if path.exists() else None
+
+
+def base_model_of(run: RunDir, model: str) -> str:
+    """The base model a LoRA run was trained on, wherever the command runs: the absolute path recorded in
+    base.json, checked to be the same files (`RunDir.recorded_base`). A run written before base.json has only
+    config.yaml's `model`; a relative path there is taken relative to the run directory, since the folder
+    training ran in is unknown: when it is not there but exists relative to this folder, that may be another
+    model, so it is refused rather than guessed."""
+    recorded = run.recorded_base()
+    if recorded is not None or run.base.is_file():
+        return recorded or model
+    path = Path(model).expanduser()
+    if model.lower() in ALIASES or path.is_absolute():
+        return model
+    if (run.path / path).exists():
+        return str(run.path / path)
+    if path.exists():
+        raise ModelError(f"{run.config} names its base model by the relative path {model}, which was relative to "
+                         f"the folder training ran in (not recorded by this run); it is not in {run.path}. Write "
+                         "the base model's absolute path into config.yaml's model:")
+    return model
 
 
 def run_data_section(source: str | os.PathLike) -> dict | None:

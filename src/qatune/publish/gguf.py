@@ -12,6 +12,7 @@ from qatune.generation.runs import load_for_inference
 from qatune.lora.inject import merged_state_dict
 from qatune.publish.gguf_writer import GGUF_TYPES, write_gguf
 from qatune.runs.layout import RunDir
+from qatune.utils.io import remove_leftovers_beside
 
 
 def export_gguf(source: str | os.PathLike, out_path: str | os.PathLike, *, out_type: str = "f16",
@@ -24,6 +25,7 @@ def export_gguf(source: str | os.PathLike, out_path: str | os.PathLike, *, out_t
     if Path(out_path).suffix != ".gguf":
         raise ModelError(f"the output file must end in .gguf (llama.cpp and Ollama look for it): {out_path}")
     model, tok = load_for_inference(source, tokenizer=tokenizer)
+    remove_leftovers_beside(out_path)  # the scratch file of an interrupted export (it is written beside, renamed)
     name, base_model = _names(Path(source))
     return write_gguf(model.config, merged_state_dict(model), tok, out_path, out_type=out_type, name=name,
                       base_model=base_model)

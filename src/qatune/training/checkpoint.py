@@ -14,13 +14,16 @@ Writing: the files go to a temporary directory, the manifest last, and the direc
 when complete; then `last`/`best` are swapped with `os.replace` and old checkpoints rotated. A kill at any moment
 leaves the previous checkpoints intact (`tests/test_reliability.py` kills at each of these points).
 
-Reading: `find_resumable` takes the newest checkpoint whose files match its manifest, and names each newer one it
-had to skip; it never deletes anything and does not trust `last` (a dangling link is no reason to start over).
+Reading: `load_resumable` (`find_resumable` without loading) takes the newest checkpoint whose files match its
+manifest and whose state.json has a checkpoint state's structure (`statefile.state_problem`), and names each
+newer one it had to skip; it never deletes anything and does not trust `last` (a dangling link is no reason to
+start over).
 Nothing here unpickles: a crafted checkpoint can hold wrong numbers, never code (`statefile.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qatune.data.readers import DATA_ALIASES, resolve_data
 from qatune.errors import ModelError
 from qatune.training.statefile import load_state, save_state
 from qatune.utils.faults import fault_point
@@ -65,6 +69,53 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def data_identity(train: str | None, val: str | None) -> dict[str, dict[str, Any]]:
+    """What a checkpoint records of its data, so that a resume can tell it changed: for data.train and data.val,
+    each local file's size and SHA-256 (every file of a directory); the shipped `sample` sets and hub datasets
+    (`hf:NAME`, whose revision is part of the name) by name."""
+    found = {}
+    for key, source in (("data.train", train), ("data.val", val)):
+        if source is None:
+            continue
+        path = Path(resolve_data(source))
+        if str(source) in DATA_ALIASES or not path.exists():
+            found[key] = {"name": str(source)}
+            continue
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        found[key] = {"name": str(source), "files": {str(f): _content_id(f, *_stat_key(f)) for f in files}}
+    return found
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _content_id(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
+    """Size and SHA-256, hashed once per (file, size, mtime): every checkpoint of a run records them."""
+    return {"bytes": size, "sha256": _sha256(path)}
+
+
+def data_changes(recorded: dict[str, dict[str, Any]] | None, now: dict[str, dict[str, Any]]) -> list[str]:
+    """How the data files differ from what a checkpoint recorded (nothing for a checkpoint that recorded none)."""
+    changes = []
+    for key, before in (recorded or {}).items():
+        after = now.get(key, {})
+        if before.get("name") != after.get("name"):
+            continue  # a changed data.train/data.val is a config change, refused as such
+        old, new = before.get("files", {}), after.get("files", {})
+        for name in sorted(old.keys() | new.keys()):
+            a, b = old.get(name), new.get(name)
+            if a is None or b is None:
+                changes.append(f"{key} {name}: {'added' if a is None else 'removed'} since the checkpoint")
+            elif a["bytes"] != b["bytes"]:
+                changes.append(f"{key} {name}: {a['bytes']} bytes at the checkpoint, {b['bytes']} now")
+            elif a["sha256"] != b["sha256"]:
+                changes.append(f"{key} {name}: its content changed (SHA-256) since the checkpoint")
+    return changes
 
 
 def step_of(path: Path) -> int:
@@ -196,6 +247,22 @@ def verify(path: Path, *, hashes: bool = True) -> str | None:
     return None
 
 
+def load_resumable(root: Path) -> tuple[Path | None, dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """The newest checkpoint under `root` that is intact and readable: (its path, weights, state), and one note
+    per newer checkpoint skipped, because its files do not match its manifest or its state cannot be read (a
+    state.json edited and its manifest rewritten). (None, {}, {}, notes) when there is none."""
+    skipped = []
+    for path in reversed(step_dirs(root)):
+        problem = verify(path)
+        if problem is None:
+            try:
+                return path, *_read(path), skipped
+            except ModelError as e:
+                problem = str(e)
+        skipped.append(f"{path.name}: {problem}")
+    return None, {}, {}, skipped
+
+
 def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
     """The newest intact checkpoint under `root` (None if there is none), and one note per newer checkpoint
     skipped because it is damaged."""
@@ -233,9 +300,16 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if problem is not None:
         raise ModelError(f"checkpoint {path} cannot be used: {problem}")
     try:
+        return _read(path)
+    except ModelError as e:
+        raise ModelError(f"checkpoint {path} cannot be read: {e}") from None
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
         return load_file(str(path / WEIGHTS)), load_state(path / STATE_JSON, path / STATE_TENSORS)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # intact files that are not ours
-        raise ModelError(f"checkpoint {path} cannot be read: {e}") from e
+        raise ModelError(str(e)) from None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ from qatune.data.batching import collate_plan, count_tokens, plan_batches, to_de
 from qatune.errors import ConfigError, ModelError, TrainingError
 from qatune.evaluation.loss import evaluate_loss
 from qatune.evaluation.measure import generation_metrics, resolve_task
+from qatune.generation.runs import local_model_path
 from qatune.lora.inject import count_parameters, format_parameter_count
 from qatune.models.loading import build_model as assemble_model
 from qatune.models.tokenizer import load_tokenizer
@@ -212,6 +213,8 @@ def start_run(r: Recipe) -> TrainState:
     """The run's first writes, under its lock: resume (refused before anything changes when the config may not
     continue the checkpoint) or a fresh start (replacing a previous run only with overwrite=true); then
     config.yaml, and metrics.jsonl cut back to what the resumed checkpoint had seen."""
+    if r.dist.main and not r.cfg.overwrite:  # overwrite=true removes links themselves, never their targets
+        r.run.refuse_links()
     if r.cfg.resume:
         state, records = resume(r)
     else:
@@ -224,6 +227,8 @@ def start_run(r: Recipe) -> TrainState:
         for name in r.run.remove_interrupted_writes():
             r.say(f"Removed {r.out / name}: the temporary copy of a write that was interrupted")
         save_config(r.cfg, r.run.config)
+        if not (r.cfg.resume and r.run.base.is_file()):
+            r.run.record_base(r.cfg.model, local_model_path(r.cfg.model))
         r.run.repair_metrics(records, r.say)
     return state
 
@@ -232,7 +237,7 @@ def resume(r: Recipe) -> tuple[TrainState, int]:
     """Load the newest intact checkpoint into the model, optimizer, scheduler, scaler and RNGs, once its config
     is known to allow it; returns its state and how many metrics records it had seen (a fresh state and 0 when
     there is no checkpoint at all)."""
-    found, skipped = ckpt.find_resumable(r.checkpoints)
+    found, weights, saved, skipped = ckpt.load_resumable(r.checkpoints)
     for note in skipped:
         r.say(f"Skipping damaged checkpoint {note}")
     if found is None:
@@ -241,7 +246,6 @@ def resume(r: Recipe) -> tuple[TrainState, int]:
                              "nothing was changed")
         r.say(f"resume=true but no checkpoint in {r.checkpoints}: starting from scratch")
         return TrainState(), 0
-    weights, saved = ckpt.load_checkpoint(found)
     check_resume_config(saved, r.cfg, r.dist.world, found, r.say)
     r.par.load_trainable_state(r.model, weights, str(found))
     r.par.load_optimizer_state(r.model, r.optimizer, saved["optimizer"])
@@ -361,10 +365,14 @@ def _check_finite(r: Recipe, state: TrainState, loss: float, grad_norm: float) -
 
 def _diverged(r: Recipe, step: int, what: str) -> str:
     last = ckpt.latest(r.checkpoints)
-    good = (f"the last good checkpoint is {last} (step {ckpt.step_of(last)})" if last is not None
-            else "no checkpoint was written before it")
+    if last is not None:
+        then = (f"the last good checkpoint is {last} (step {ckpt.step_of(last)}). Lower train.lr (resume=true "
+                "continues from that checkpoint with the new rate)")
+    else:
+        then = ("no checkpoint was written before it. Lower train.lr and start again from step 0 (resume=true or "
+                "overwrite=true: there is nothing to continue from)")
     return (f"training diverged at step {step}: {what}. Nothing from that step was saved and no result was "
-            f"written; {good}. Lower train.lr (resume=true continues from that checkpoint with the new rate)")
+            f"written; {then}")
 
 
 def log_step(r: Recipe, state: TrainState, loss: float, lr: float, progress: ProgressBar) -> None:
@@ -443,6 +451,7 @@ def save_checkpoint(r: Recipe, state: TrainState, best: bool) -> None:
             # what a resume checks (the config, the process count) and where it cuts metrics.jsonl back to
             "config": r.cfg.to_dict(), "world_size": r.dist.world,
             "metrics_records": r.run.count_metrics_records(),
+            "data_files": ckpt.data_identity(r.cfg.data.train, r.cfg.data.val),  # a resume refuses changed data
         }, best=best, keep=r.cfg.train.keep_checkpoints)
     r.par.barrier()
 

@@ -10,13 +10,18 @@ data: neither format can run code, unlike `torch.load(weights_only=False)` on a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from qatune.training.state import TrainState
 
 # Markers of the JSON encoding; a plain dict whose keys include one of them is stored as a list of items.
 _TENSOR, _NDARRAY, _TUPLE, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
@@ -80,6 +85,61 @@ def save_state(state: dict[str, Any], json_path: Path, tensors_path: Path, *, af
 
 
 def load_state(json_path: Path, tensors_path: Path) -> dict[str, Any]:
-    """The state `save_state` wrote."""
+    """The state `save_state` wrote, checked to have a checkpoint's structure (`state_problem`): a state.json
+    that is not UTF-8, not JSON, refers to missing tensors or lacks a key is one `ValueError` naming it."""
     tensors = load_file(str(tensors_path))
-    return decode(json.loads(json_path.read_text(encoding="utf-8")), tensors)
+    try:
+        state = decode(json.loads(json_path.read_bytes().decode("utf-8")), tensors)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{json_path.name} is not a checkpoint state ({type(e).__name__}: {e})") from None
+    problem = state_problem(state)
+    if problem is not None:
+        raise ValueError(f"{json_path.name}: {problem}")
+    return state
+
+
+# What a resume reads from a checkpoint's state, and of which type (`train_state` is checked field by field).
+_STATE_KEYS: dict[str, Any] = {"optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict,
+                               "train_state": dict, "config": dict, "metrics_records": int, "step": int}
+_RNG_KEYS: dict[str, Any] = {"python": tuple, "numpy": tuple, "torch": torch.Tensor}
+
+
+def state_problem(state: Any) -> str | None:
+    """What is wrong with the structure of a checkpoint's state (None when a resume can use it): a missing key
+    or a value of the wrong type, named, checked before any of it reaches the optimizer or the RNGs."""
+    if not isinstance(state, dict):
+        return f"the state is a {type(state).__name__}, not a mapping"
+    problem = _keys_problem(state, _STATE_KEYS, "") or _keys_problem(state["rng"], _RNG_KEYS, "rng.")
+    if problem is not None:
+        return problem
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list) \
+            or not all(isinstance(g, dict) for g in optimizer["param_groups"]):
+        return "optimizer is not an optimizer state (state, param_groups)"
+    return _keys_problem(state["train_state"], _train_state_types(), "train_state.")
+
+
+def _train_state_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainState)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainState) if f.metadata.get("persist", True)}
+
+
+def _keys_problem(mapping: dict[str, Any], types_: dict[str, Any], prefix: str) -> str | None:
+    for key, hint in types_.items():
+        if key not in mapping:
+            return f"{prefix}{key} is missing"
+        if not _is_a(mapping[key], hint):
+            return f"{prefix}{key} is {mapping[key]!r:.60}, not {getattr(hint, '__name__', hint)}"
+    return None
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """isinstance for the annotations of a state: unions, generics (their origin), a float that may be an int;
+    a bool is no number here."""
+    if isinstance(hint, types.UnionType):
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(hint) or hint)

@@ -9,6 +9,7 @@ that fails (disk full, permissions) removes its temporary files, leaves the targ
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -21,6 +22,30 @@ from qatune.errors import StorageError
 from qatune.utils.faults import fault_point
 
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# numpy's `tofile` reports a short write as a plain OSError without errno, "32768 requested and 24664 written";
+# on a regular file a short write means the file system took no more: no space (or quota) left.
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux's /proc/self/status has it); elsewhere set and
+    restored at once (`os.umask` can only be read by setting it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path, *, directory: bool) -> None:
+    """`mkstemp`/`mkdtemp` create 0600/0700 whatever the umask: give the result the mode `open()`/`mkdir()`
+    would have given it, so results are as readable as any other file the user writes."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 def fsync_dir(path: Path) -> None:
@@ -83,6 +108,7 @@ def scratch_beside(target: Path, *, directory: bool) -> Iterator[Path]:
             fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
             os.close(fd)
             tmp = Path(name)
+        _follow_umask(tmp, directory=directory)
         yield tmp
     except BaseException as e:
         if tmp is not None:
@@ -99,7 +125,7 @@ def _os_errno(e: BaseException) -> int | None:
     """The errno of a file-system error: an `OSError`'s, or the one that writers written in Rust (safetensors,
     tokenizers) put in their message, "... (os error 28)", since they raise plain exceptions."""
     if isinstance(e, OSError):
-        return e.errno
+        return errno.ENOSPC if e.errno is None and _SHORT_WRITE.match(str(e)) else e.errno
     found = _RUST_OS_ERROR.search(str(e))
     return int(found.group(1)) if found else None
 
@@ -124,6 +150,36 @@ def storage_error(e: BaseException, target: Path, tmp: Path | None = None) -> St
     return StorageError(f"cannot write {name}: {reason}")
 
 
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (a multi-GB model never sits in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_identity(path: Path) -> dict[str, int | str]:
+    """What identifies a file's content: its size and SHA-256, and its mtime (so that a later check can skip
+    the hash while size and mtime are unchanged)."""
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def identity_change(path: Path, recorded: dict[str, int | str]) -> str | None:
+    """How the file at `path` differs from its `file_identity` record (None when it is the same content).
+    Size and mtime unchanged: taken as unchanged without reading the file (hashing a multi-GB model at every
+    load would cost more than the load); a changed mtime alone (a copy, a touch) costs one hash."""
+    if not path.is_file():
+        return "it is missing"
+    st = path.stat()
+    if st.st_size != recorded.get("bytes"):
+        return f"it has {st.st_size} bytes, {recorded.get('bytes')} when recorded"
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
+        return None
+    return None if sha256_file(path) == recorded.get("sha256") else "its content (SHA-256) changed"
+
+
 def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Let `write(tmp)` fill a temporary sibling directory, then put its files in place of `out_dir`'s.
 
@@ -144,6 +200,45 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Non
             fsync_dir(out)
         fsync_dir(out.parent)
     return out
+
+
+def replace_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Let `write(tmp)` fill a fresh sibling directory, then swap it in for `out_dir` whole: unlike
+    `write_dir_atomically`, nothing of the old folder survives (a stale shard or shard index would be read with
+    the new config). The old folder is renamed aside (`.NAME.old-XXXXXXXX`) and removed after the swap; a kill
+    in between leaves it there, and `remove_leftovers_beside` removes it at the next write."""
+    out = Path(out_dir)
+    with scratch_beside(out, directory=True) as tmp:
+        write(tmp)
+        fsync_tree(tmp)
+        fault_point("dir-written")
+        aside = None
+        if out.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, aside / out.name)
+            fault_point("old-dir-set-aside")
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return out
+
+
+def remove_leftovers_beside(target: str | os.PathLike) -> list[Path]:
+    """The temporaries an interrupted write of `target` left beside it (`.NAME.tmp-*`, `.NAME.old-*`, nested
+    ones included), removed; returns them. Only for targets that one process writes at a time."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    prefixes = (f".{target.name}.tmp-", f".{target.name}.old-")
+    found = sorted(p for p in target.parent.iterdir() if p.name.startswith(prefixes)
+                   or p.name.startswith(tuple("." + q for q in prefixes)))
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
 
 
 def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
