@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -55,6 +56,8 @@ from qatune.runs.layout import RunDir, lock_directory
 from qatune.training.config import config_from_dict
 from qatune.utils.io import atomic_write_text
 
+logger = logging.getLogger(__name__)
+
 
 def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
     """Run (or resume) every run of the sweep, then write results.json and report.md; returns the report path."""
@@ -86,7 +89,7 @@ def _carry_out(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]], star
     results = collect_results(sweep, out, picks)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     report = write_report(results, out)
-    _log(f"report: {report}")
+    logger.info(f"report: {report}")
     return report
 
 
@@ -115,7 +118,7 @@ def ensure_trained(out: Path, run: Run, started: float) -> None:
     run_dir = out / "runs" / run.name
     if RunDir(run_dir).summary.is_file():
         return
-    _log(f"{run.name}: training (log: {run_dir / 'train.log'})")
+    logger.info(f"{run.name}: training (log: {run_dir / 'train.log'})")
     _train(out / "configs" / f"{run.name}.yaml", run_dir)
     _record_invocation(out / "sweep.json", started)
 
@@ -155,10 +158,10 @@ def ensure_evaluated(sweep: Sweep, out: Path, run: Run, tag: str, started: float
                                      if run.method != "k-shot"]  # k-shot is a baseline of the test task only
     missing = [(where, spec) for where, spec in todo if not where.done()]
     if not missing:
-        _log(f"{tag}: done, skipped")
+        logger.info(f"{tag}: done, skipped")
         return
     for _, spec in missing:
-        _log(f"{tag}: evaluating on {spec.data if spec else sweep.eval.data}")
+        logger.info(f"{tag}: evaluating on {spec.data if spec else sweep.eval.data}")
         if spec is None:
             _evaluate_test(sweep, run, run_dir)
         else:
@@ -234,7 +237,3 @@ def _record_invocation(path: Path, started: float) -> None:
     record["invocations"] = [i for i in record["invocations"] if i["started"] != stamp]
     record["invocations"].append({"started": stamp, "elapsed_s": time.time() - started})
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
