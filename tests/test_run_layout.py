@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -143,44 +144,50 @@ def _records(n: int) -> str:
     return "".join(json.dumps({"event": "train", "step": i}) + "\n" for i in range(1, n + 1))
 
 
-def test_metrics_are_cut_back_to_the_records_a_checkpoint_counted(tmp_path):
-    run, said = RunDir(tmp_path), []
+def test_metrics_are_cut_back_to_the_records_a_checkpoint_counted(tmp_path, caplog):
+    run = RunDir(tmp_path)
     assert run.count_metrics_records() == 0
     run.metrics.write_text(_records(3))
     assert run.count_metrics_records() == 3
     checkpointed = run.count_metrics_records()
     with open(run.metrics, "a") as f:
         f.write(_records(5)[len(_records(3)):])  # steps 4 and 5, logged after the checkpoint
-    run.repair_metrics(checkpointed, said.append)
+    with caplog.at_level(logging.INFO, logger="qatune"):
+        run.repair_metrics(checkpointed)
     assert run.metrics.read_text() == _records(3)
-    assert said == []
+    assert caplog.records == []
 
 
-def test_a_torn_last_line_is_dropped_and_said(tmp_path):
-    run, said = RunDir(tmp_path), []
+def test_a_torn_last_line_is_dropped_and_said(tmp_path, caplog):
+    run = RunDir(tmp_path)
     run.metrics.write_text(_records(2) + '{"event": "train", "st')  # a kill mid-write
     assert run.count_metrics_records() == 2  # the torn line has no newline: not a record
-    run.repair_metrics(2, said.append)
+    with caplog.at_level(logging.INFO, logger="qatune"):
+        run.repair_metrics(2)
     assert run.metrics.read_text() == _records(2)
+    said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "dropped 1 incomplete line" in said[0]
 
 
-def test_a_torn_line_in_the_middle_does_not_count(tmp_path):
+def test_a_torn_line_in_the_middle_does_not_count(tmp_path, caplog):
     """A torn line followed by later records (a resume after a crash that was itself resumed): the torn line is
     dropped and the count still keeps `records` whole records."""
-    run, said = RunDir(tmp_path), []
+    run = RunDir(tmp_path)
     run.metrics.write_bytes(_records(1).encode() + b'{"event": "tr\xff\n' + _records(3)[len(_records(1)):].encode())
-    run.repair_metrics(2, said.append)
+    with caplog.at_level(logging.INFO, logger="qatune"):
+        run.repair_metrics(2)
     assert run.metrics.read_text() == _records(2)
-    assert said
+    assert caplog.records
 
 
-def test_a_fresh_start_cuts_nothing(tmp_path):
+def test_a_fresh_start_cuts_nothing(tmp_path, caplog):
     run = RunDir(tmp_path)
     run.metrics.write_text(_records(2))
-    run.repair_metrics(None, pytest.fail)
-    assert run.metrics.read_text() == _records(2)
-    RunDir(tmp_path / "absent").repair_metrics(0, pytest.fail)  # no file: nothing to do
+    with caplog.at_level(logging.INFO, logger="qatune"):
+        run.repair_metrics(None)
+        assert run.metrics.read_text() == _records(2)
+        RunDir(tmp_path / "absent").repair_metrics(0)  # no file: nothing to do
+    assert caplog.records == []
 
 
 def test_the_config_is_read_as_plain_yaml(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -216,7 +217,7 @@ def test_mixed_precision_runs_and_learns(qa_gpt2_dir, tmp_path, precision):
     assert state["scaler"] if precision == "fp16" else not state["scaler"]  # the scaler's state only when used
 
 
-def test_fp16_overflow_steps_are_skipped_counted_and_logged(qa_gpt2_dir, tmp_path, monkeypatch, capsys):
+def test_fp16_overflow_steps_are_skipped_counted_and_logged(qa_gpt2_dir, tmp_path, monkeypatch, caplog):
     """A loss scale so large that every scaled gradient overflows: the scaler skips each step (the weights stay as
     they were) and the run says so, counts them in metrics.jsonl and summary.json."""
     real_scaler = torch.amp.GradScaler
@@ -224,13 +225,14 @@ def test_fp16_overflow_steps_are_skipped_counted_and_logged(qa_gpt2_dir, tmp_pat
     cfg = load_config(None, [f"model={qa_gpt2_dir}", "method=lora", "data.train=sample", "train.max_steps=3",
                              "train.batch_size=4", "train.precision=fp16", "train.progress=false",
                              f"out={tmp_path}"])
-    summary = train_model(cfg)
+    with caplog.at_level(logging.INFO, logger="qatune"):
+        summary = train_model(cfg)
     assert summary["skipped_steps"] == 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if r["event"] == "train"] == [1, 2, 3]
     lora_b = [v for k, v in load_file(tmp_path / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
     assert lora_b and all(not v.any() for v in lora_b)  # B starts at zero and no step changed it
-    assert "fp16 gradient overflow" in capsys.readouterr().err
+    assert "fp16 gradient overflow" in caplog.text
 
 
 def test_tensorboard_logs_the_same_events(qa_gpt2_dir, tmp_path):
@@ -308,7 +310,7 @@ def test_torchrun_resume_continues_the_same_run(qa_gpt2_dir, tmp_path, mode):
     for extra in (["train.max_steps=3"], ["train.max_steps=6", "resume=true"]):
         res = subprocess.run(torchrun + extra, env=_train_env(), capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-3000:]
-    assert "Resumed from" in res.stderr
+    assert res.stderr.count("Resumed from") == 1  # rank 0 only: the recipe silences the other ranks
     la, lb = _losses(one), _losses(two)
     assert sorted(lb) == list(range(1, 7))
     assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la), (la, lb)

@@ -7,7 +7,12 @@ The public names below are imported on first use, so that `import qatune.data` (
 import the training stack.
 """
 
+import logging
+
 from qatune.utils.lazy import lazy_exports
+
+# The library logs and never shows: an application (the `qatune` command: cli/logs.py) attaches the handler.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 _EXPORTS = {

@@ -6,10 +6,9 @@ from qatune.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "BenchConfig": "qatune.bench.setups",
-    "bench_command": "qatune.bench.runner",
     "fast_path_agreement": "qatune.bench.checks",
     "run_bench": "qatune.bench.runner",
     "sdpa_kernels": "qatune.bench.checks",
 }
-__all__ = ["BenchConfig", "bench_command", "fast_path_agreement", "run_bench", "sdpa_kernels"]
+__all__ = ["BenchConfig", "fast_path_agreement", "run_bench", "sdpa_kernels"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

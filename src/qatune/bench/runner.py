@@ -39,17 +39,14 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
+import logging
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 
 from qatune.bench.setups import (
@@ -71,6 +68,8 @@ from qatune.bench.setups import (
 from qatune.training.build import pick_device
 from qatune.training.parallel import Dist
 from qatune.utils.env import machine_info
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,13 +106,13 @@ def timed_step(run: Measurement, device: torch.device) -> tuple[float, float, di
 
 
 def build_and_warm(run: Measurement, builder: Callable[[], nn.Module], cfg: BenchConfig, device: torch.device,
-                   batches: list[dict[str, Tensor]], console) -> None:
+                   batches: list[dict[str, Tensor]]) -> None:
     """Build the configuration, run its warm-up steps and record its peak memory; failures are recorded in
     the run (an out-of-memory configuration must not end a benchmark of many)."""
     if run.backend.startswith("hf") and run.strategy == "packing":
         run.skipped = "packing needs backend=native (transformers' SDPA path has no document mask)"
         return
-    console.print(f"building {run.name}", highlight=False)
+    logger.info(f"building {run.name}")
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     try:
         model = builder()
@@ -133,10 +132,10 @@ def build_and_warm(run: Measurement, builder: Callable[[], nn.Module], cfg: Benc
     except Exception as e:  # noqa: BLE001 -- recorded in the results, the other configurations go on
         run.error = f"{type(e).__name__}: {e}"[:500]
         run.step_fn = run.batches = None
-        console.print(f"  failed: {run.error}", highlight=False)
+        logger.warning(f"  failed: {run.error}")
 
 
-def measure(runs: list[Measurement], cfg: BenchConfig, device: torch.device, hf_config, console) -> None:
+def measure(runs: list[Measurement], cfg: BenchConfig, device: torch.device, hf_config) -> None:
     """`steps` rounds; in each, one step of every live configuration, in turn."""
     live = [r for r in runs if r.step_fn is not None]
     for round_ in range(cfg.steps):
@@ -152,7 +151,7 @@ def measure(runs: list[Measurement], cfg: BenchConfig, device: torch.device, hf_
             run.losses.append(loss)
             run.tokens.append(int(batch["attention_mask"].sum()))
             run.attention_flops.append(attention_flops(hf_config, row_documents(batch)))
-        console.print(f"round {round_ + 1}/{cfg.steps} done", highlight=False)
+        logger.info(f"round {round_ + 1}/{cfg.steps} done")
 
 
 def summarise(run: Measurement, peak_flops: float | None, synthetic: bool) -> dict[str, Any]:
@@ -227,19 +226,18 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / best
 
 
-def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the benchmark described by `cfg`; returns the JSON-ready results."""
 
 
     cfg.validate()
-    console = console or Console()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device, Dist())
     machine = machine_info(device)  # at the start: the date and load average of the run's beginning
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     peak = measure_peak_flops(device, dtype)
-    console.print(f"device {device}, measured {cfg.precision} matmul peak {peak / 1e12:.2f} TFLOP/s", highlight=False)
+    logger.info(f"device {device}, measured {cfg.precision} matmul peak {peak / 1e12:.2f} TFLOP/s")
     data_info = None
     if cfg.real_data:
         strategy_batches, data_info = real_data_batches(cfg)
@@ -256,13 +254,13 @@ def run_bench(cfg: BenchConfig, console=None) -> dict[str, Any]:
             name = "/".join(x for x in (shape, method, backend, strategy) if x)
             run = Measurement(name, shape, method, backend, strategy)
             build_and_warm(run, lambda m=method, b=backend, s=state, h=hf_config: _build(b, h, s, device, m), cfg,
-                           device, strategy_batches[strategy], console)
+                           device, strategy_batches[strategy])
             if run.error:  # free what the failed configuration allocated (peft models hold reference cycles)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             runs.append(run)
-        measure(runs, cfg, device, hf_config, console)
+        measure(runs, cfg, device, hf_config)
         results += [summarise(r, peak, cfg.real_data is None) for r in runs]
         del runs, state
         gc.collect()
@@ -287,57 +285,3 @@ def _build(backend: str, hf_config, state: dict[str, Tensor], device: torch.devi
     if backend.startswith("hf"):
         return build_hf(hf_config, state, device, method)
     return build_native(hf_config, state, device, method, fast_path=backend.startswith("native-fast"))
-
-
-def print_table(report: dict[str, Any], console) -> None:
-
-    table = Table(title=f"qatune bench -- {(report['machine']['gpu'] or {}).get('name') or report['machine']['cpu']}"
-                        f", {report['config']['precision']}, batch {report['config']['batch']} x seq "
-                        f"{report['config']['seq']}")
-    for col in ("shape", "method", "data", "backend", "tokens/s", "step ms (median, min-max)", "peak mem", "MFU",
-                "vs hf"):
-        table.add_column(col, justify="right" if col in ("tokens/s", "peak mem", "MFU", "vs hf") else "left")
-    for r in report["results"]:
-        vs = [x for x in report["ratios"] if x["native"] == r["backend"] and x["baseline"] == "hf"
-              and (x["shape"], x["method"], x["strategy"]) == (r["shape"], r["method"], r["strategy"])]
-        if r.get("step_s"):
-            s = r["step_s"]
-            timing = f"{s['median'] * 1e3:,.0f} ({s['min'] * 1e3:,.0f}-{s['max'] * 1e3:,.0f})"
-        else:
-            timing = r["error"] or r["skipped"] or "-"
-        table.add_row(
-            r["shape"], r["method"], r["strategy"] or "synthetic", r["backend"],
-            f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-", timing,
-            f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "-",
-            f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-",
-            f"{vs[0]['ratio']:.2f}x" if vs else "",
-        )
-    console.print(table)
-
-
-def bench_command(args) -> int:
-    """`qatune bench ...` (arguments defined in cli/parser.py)."""
-
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
-    cfg = BenchConfig(shapes=split(args.shapes), methods=split(args.methods), backends=split(args.backends),
-                      batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                      precision=args.precision, device=args.device, n_layer=args.n_layer,
-                      real_data=args.real_data, strategies=split(args.strategies), tokenizer=args.tokenizer,
-                      threads=args.threads, seed=args.seed)
-    console = Console(width=None if Console().is_terminal else 200)
-    report = run_bench(cfg, console)
-    print_table(report, console)
-    for r in report["ratios"]:
-        console.print(f"{r['shape']}/{r['method']}{'/' + r['strategy'] if r['strategy'] else ''}: "
-                      f"{r['native']} / {r['baseline']} = {r['ratio']:.2f}x tokens/s", highlight=False)
-    for r in report["compile_ratios"]:
-        console.print(f"{r['shape']}/{r['method']}{'/' + r['strategy'] if r['strategy'] else ''}: "
-                      f"{r['compiled']} / {r['eager']} = {r['ratio']:.2f}x tokens/s", highlight=False)
-    for r in report["strategy_ratios"]:
-        console.print(f"{r['shape']}/{r['method']}/{r['backend']}: {r['strategy']} / pad-to-longest = "
-                      f"{r['ratio']:.2f}x tokens/s", highlight=False)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        console.print(f"wrote {args.json}", highlight=False)
-    return 0

@@ -11,9 +11,10 @@ import errno
 import json
 import sys
 
-from qatune.bench.runner import bench_command
+from qatune.cli.bench import bench_command
 from qatune.cli.demo import run_demo
 from qatune.cli.download import download
+from qatune.cli.logs import showing_logs
 from qatune.cli.parser import build_parser, generation_config
 from qatune.compare.run import run_sweep
 from qatune.data.prompts import DEFAULT_TEMPLATE, draw_shots, make_prompt_format
@@ -38,7 +39,8 @@ from qatune.training.recipe import train_model
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with showing_logs():
+            return COMMANDS[args.command](args)
     except QatuneError as e:
         print(f"qatune: error: {e}", file=sys.stderr)
         return 2

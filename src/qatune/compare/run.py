@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -66,6 +67,7 @@ from qatune.training.config import config_from_dict
 from qatune.utils.io import atomic_write_text
 
 _MAX_FILE_NAME_BYTES = 255 - len(".") - len(".tmp-12345678")  # room for an atomic write's temporary: .NAME.tmp-XXXXXXXX
+logger = logging.getLogger(__name__)
 
 
 def run_sweep(path: str | Path, out: str | Path | None = None) -> Path:
@@ -99,7 +101,7 @@ def _carry_out(sweep: Sweep, out: Path, configs: dict[str, dict[str, Any]], star
     results = collect_results(sweep, out, picks)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     report = write_report(results, out)
-    _log(f"report: {report}")
+    logger.info(f"report: {report}")
     return report
 
 
@@ -144,7 +146,7 @@ def ensure_trained(out: Path, run: Run, config: dict[str, Any], started: float) 
     run_dir = out / "runs" / run.name
     if RunDir(run_dir).summary.is_file():
         return
-    _log(f"{run.name}: training (log: {run_dir / 'train.log'})")
+    logger.info(f"{run.name}: training (log: {run_dir / 'train.log'})")
     record_training_inputs(out, run.name, config)  # what it reads, for a rerun to compare with
     _train(out / "configs" / f"{run.name}.yaml", run_dir)
     _record_invocation(out / "sweep.json", started)
@@ -188,11 +190,12 @@ def ensure_evaluated(sweep: Sweep, out: Path, run: Run, tag: str, started: float
     jobs = [(where, function, kwargs, evaluation_spec(function.__name__, kwargs)) for where, (function, kwargs) in todo]
     missing = [job for job in jobs if not is_current(job[0], job[3])]
     if not missing:
-        _log(f"{tag}: done, skipped")
+        logger.info(f"{tag}: done, skipped")
         return
     for where, function, kwargs, spec in missing:
         stale = where.path.exists()
-        _log(f"{tag}: evaluating on {kwargs['data']}" + (" (again: the sweep's settings changed)" if stale else ""))
+        again = " (again: the sweep's settings changed)" if stale else ""
+        logger.info(f"{tag}: evaluating on {kwargs['data']}{again}")
         where.discard()  # nothing of an evaluation made with other settings survives into this one
         function(**kwargs, out_dir=where.path, progress=False)
         record_spec(where, spec)
@@ -270,7 +273,3 @@ def _record_invocation(path: Path, started: float) -> None:
     record["invocations"] = [i for i in record["invocations"] if i["started"] != stamp]
     record["invocations"].append({"started": stamp, "elapsed_s": time.time() - started})
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

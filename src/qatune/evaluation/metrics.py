@@ -25,10 +25,10 @@ and a missing package fails only the metric that needs it, naming the pip packag
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import re
 import string
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +36,8 @@ from types import ModuleType
 from typing import Any
 
 from qatune.errors import DataError, QatuneError
+
+logger = logging.getLogger(__name__)
 
 
 class MissingDependencyError(QatuneError):
@@ -251,11 +253,7 @@ def meteor(predictions: Sequence[str], references_list: Sequence[Sequence[str]])
     _check_generation(predictions, references_list)
     wordnet = _wordnet()
     if wordnet is None:
-        warnings.warn(
-            "METEOR skipped: nltk's WordNet corpus is not installed (python -m nltk.downloader wordnet)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        logger.warning("METEOR skipped: nltk's WordNet corpus is not installed (python -m nltk.downloader wordnet)")
         return None
     meteor_score = _require("nltk.translate.meteor_score", "nltk")
     scores = [
@@ -350,7 +348,7 @@ def generation_scores(predictions: Sequence[str], references_list: Sequence[Sequ
         try:
             scores[name] = metric(predictions, references_list)
         except MissingDependencyError as err:
-            warnings.warn(f"{name} skipped: {err}", RuntimeWarning, stacklevel=2)
+            logger.warning(f"{name} skipped: {err}")
             scores[name] = None
     scores["n"] = len(predictions)
     return scores

@@ -18,9 +18,9 @@ it). What a checkpoint folder holds is the checkpoint format's (`training/checkp
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ from qatune.errors import ConfigError, ModelError
 from qatune.utils.io import atomic_write_text, file_identity, identity_change, is_scratch, scratch_beside
 from qatune.utils.lock import DirLock
 from qatune.utils.yamlfile import read_yaml
+
+logger = logging.getLogger(__name__)
 
 # A config.yaml is a qatune run's when it is a mapping with these keys of these types (what `save_config` writes).
 _RUN_CONFIG_KEYS = {"model": str, "method": str, "data": dict, "train": dict}
@@ -282,7 +284,7 @@ class RunDir:
         with open(self.metrics, "rb") as f:
             return sum(1 for line in f if line.endswith(b"\n") and line.strip())
 
-    def repair_metrics(self, records: int | None, say: Callable[[str], None]) -> None:
+    def repair_metrics(self, records: int | None) -> None:
         """The one rule by which metrics.jsonl is cut back on resume: keep its first `records` records (those
         logged before the resumed checkpoint); a torn or unreadable line, which only a crash mid-write leaves,
         is dropped and said so. `None`: a fresh start, nothing to cut."""
@@ -300,7 +302,7 @@ class RunDir:
                 continue
             kept.append(line.decode("utf-8"))
         if torn:
-            say(f"{path}: dropped {torn} incomplete line(s) left by an interrupted write")
+            logger.warning(f"{path}: dropped {torn} incomplete line(s) left by an interrupted write")
         atomic_write_text(path, "".join(line + "\n" for line in kept[:records]))  # a kill here loses nothing
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -67,8 +68,10 @@ from qatune.training.parallel import Dist, Parallel, init_distributed
 from qatune.training.result import dir_size, peak_memory, save_result, write_summary
 from qatune.training.resume_check import check_resume_config, check_target
 from qatune.training.state import TrainState
-from qatune.utils.console import ProgressBar, console_printer
+from qatune.utils.console import ProgressBar
 from qatune.utils.lock import DirLock
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,6 @@ class Recipe:
     plan: StepPlan
     param_counts: tuple[int, int, float]  # trainable, total, percent (counted before FSDP shards the model)
     log: MetricsLog | None
-    say: Callable[[str], None]  # console messages (main process only)
     lock: DirLock | None = None  # the run directory's lock, held by the main process from its first write to the end
 
     @property
@@ -152,29 +154,30 @@ def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
                           "train.fsdp (evaluate the result with `qatune eval` instead)")
     check_target(cfg)
     device = pick_device(t.device, d)
-    say = console_printer(d.main)
+    if not d.main:  # the one place other ranks are silenced: they would repeat rank 0's messages (errors still show)
+        logging.getLogger("qatune").setLevel(logging.ERROR)
     seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     model = build_trainable_model(cfg, device)  # before the data: its position limit bounds data.max_length
     max_length = resolve_max_length(cfg.data.max_length, position_limit(model))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=max_length))  # the caller's stays
     data = prepare_data(cfg.data, tokenizer, t.seed)
-    say(f"Data: {len(data.train)} train / {len(data.val)} validation examples; {data.report.summary()}")
+    logger.info(f"Data: {len(data.train)} train / {len(data.val)} validation examples; {data.report.summary()}")
     param_counts = count_parameters(model)
-    say(format_parameter_count(model))
+    logger.info(format_parameter_count(model))
     model.train()
     par = Parallel(d, fsdp=t.fsdp)
     par.shard(model)
     optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, device=device)
     loss_module: nn.Module = LossModule(model, t.label_smoothing)
     loss_module = par.wrap(torch.compile(loss_module) if t.compile else loss_module, device)
-    plan = _step_plan(cfg, data, d, say)
+    plan = _step_plan(cfg, data, d)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
         t.schedule, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, total_steps=plan.total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     out = Path(cfg.out)
     recipe = Recipe(cfg, d, device, out, tokenizer, data, model, loss_module, par, optimizer, scheduler, scaler,
-                    autocast_factory(device, t.precision), plan, param_counts, log=None, say=say)
+                    autocast_factory(device, t.precision), plan, param_counts, log=None)
     lock = recipe.run.lock() if d.main else None
     try:
         state = start_run(recipe)
@@ -193,7 +196,7 @@ def _open_log(recipe: Recipe, state: TrainState) -> MetricsLog:
     return log
 
 
-def _step_plan(cfg: RunConfig, data: TrainingData, d: Dist, say: Callable[[str], None]) -> StepPlan:
+def _step_plan(cfg: RunConfig, data: TrainingData, d: Dist) -> StepPlan:
     """How many optimizer steps an epoch and the run have (the plan of epoch 0 counts the micro-batches)."""
     t = cfg.train
     group = t.grad_accum * d.world
@@ -203,8 +206,8 @@ def _step_plan(cfg: RunConfig, data: TrainingData, d: Dist, say: Callable[[str],
         raise ConfigError(f"{len(data.train)} training examples make fewer micro-batches than one optimizer step "
                           f"needs (batch_size {t.batch_size} x grad_accum {t.grad_accum} x {d.world} processes)")
     if micro - steps_per_epoch * group:
-        say(f"Note: the last {micro - steps_per_epoch * group} micro-batch(es) of each epoch do not fill an "
-            "optimizer step and are skipped (shuffled anew each epoch)")
+        logger.warning(f"Note: the last {micro - steps_per_epoch * group} micro-batch(es) of each epoch do not fill "
+                    "an optimizer step and are skipped (shuffled anew each epoch)")
     total = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
     return StepPlan(group, steps_per_epoch, total)
 
@@ -225,11 +228,11 @@ def start_run(r: Recipe) -> TrainState:
         state, records = TrainState(), None
     if r.dist.main:
         for name in r.run.remove_interrupted_writes():
-            r.say(f"Removed {r.out / name}: the temporary copy of a write that was interrupted")
+            logger.warning(f"Removed {r.out / name}: the temporary copy of a write that was interrupted")
         save_config(r.cfg, r.run.config)
         if not (r.cfg.resume and r.run.base.is_file()):
             r.run.record_base(r.cfg.model, local_model_path(r.cfg.model))
-        r.run.repair_metrics(records, r.say)
+        r.run.repair_metrics(records)
     return state
 
 
@@ -239,14 +242,14 @@ def resume(r: Recipe) -> tuple[TrainState, int]:
     there is no checkpoint at all)."""
     found, weights, saved, skipped = ckpt.load_resumable(r.checkpoints)
     for note in skipped:
-        r.say(f"Skipping damaged checkpoint {note}")
+        logger.warning(f"Skipping damaged checkpoint {note}")
     if found is None:
         if skipped:
             raise ModelError(f"resume=true but no checkpoint in {r.checkpoints} is intact ({'; '.join(skipped)}); "
                              "nothing was changed")
-        r.say(f"resume=true but no checkpoint in {r.checkpoints}: starting from scratch")
+        logger.warning(f"resume=true but no checkpoint in {r.checkpoints}: starting from scratch")
         return TrainState(), 0
-    check_resume_config(saved, r.cfg, r.dist.world, found, r.say)
+    check_resume_config(saved, r.cfg, r.dist.world, found)
     r.par.load_trainable_state(r.model, weights, str(found))
     r.par.load_optimizer_state(r.model, r.optimizer, saved["optimizer"])
     r.scheduler.load_state_dict(saved["scheduler"])
@@ -256,9 +259,9 @@ def resume(r: Recipe) -> tuple[TrainState, int]:
     state = TrainState.from_dict(saved["train_state"])
     if r.dist.main:
         for warning in ckpt.relink(r.checkpoints, found, state.best_step):
-            r.say(warning)
+            logger.warning(warning)
     newest = " (the newest intact checkpoint)" if skipped else ""
-    r.say(f"Resumed from {found}{newest} (step {state.step}, epoch {state.epoch})")
+    logger.info(f"Resumed from {found}{newest} (step {state.step}, epoch {state.epoch})")
     return state, saved["metrics_records"]
 
 
@@ -329,8 +332,8 @@ def train_step(r: Recipe, state: TrainState, step_batches: list[dict[str, torch.
     _check_finite(r, state, mean_loss, grad_norm)
     if not math.isfinite(grad_norm):  # only under fp16: the scaler skips this step and lowers its scale
         state.skipped_steps += 1
-        r.say(f"Step {state.step + 1}: fp16 gradient overflow (norm {grad_norm}); the step is skipped and the loss "
-              f"scale lowered ({state.skipped_steps} skipped so far)")
+        logger.warning(f"Step {state.step + 1}: fp16 gradient overflow (norm {grad_norm}); the step is skipped and the "
+                    f"loss scale lowered ({state.skipped_steps} skipped so far)")
     r.scaler.step(r.optimizer)
     r.scaler.update()
     r.optimizer.zero_grad(set_to_none=True)
@@ -406,7 +409,7 @@ def validate(r: Recipe, state: TrainState) -> bool:
     record["best"] = improved
     r.log.write(record)
     state.history.append({k: v for k, v in record.items() if k != "event"})
-    r.say(_format_eval(record, t.early_stop_metric))
+    logger.info(_format_eval(record, t.early_stop_metric))
     save_checkpoint(r, state, best=improved)
     return t.patience is not None and state.bad_evals >= t.patience
 
@@ -479,7 +482,7 @@ def finish(r: Recipe, state: TrainState) -> dict[str, Any]:
         summary["result_bytes"] = dir_size(target)
         write_summary(r.run.summary, summary)
         write_model_card(r.out)  # README.md beside the result: Hugging Face model card
-        r.say(f"Done: {state.step} steps, best val loss {summary['best_val_loss']}, result in {r.out}")
+        logger.info(f"Done: {state.step} steps, best val loss {summary['best_val_loss']}, result in {r.out}")
     r.log.finish(summary)
     r.par.barrier()
     return summary

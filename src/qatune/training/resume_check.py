@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from qatune.training.loggers import flatten
 # Where the run lives and how it was started are not part of its identity. Which other keys a resume may change
 # is declared on the config's fields (`resumable=True`, training/config.py).
 _NOT_COMPARED = {"out", "resume", "overwrite"}
+
+logger = logging.getLogger(__name__)
 
 
 def check_target(cfg: RunConfig) -> None:
@@ -39,8 +41,7 @@ def check_target(cfg: RunConfig) -> None:
     RunDir(out).check_target(replace=cfg.overwrite)
 
 
-def check_resume_config(saved: dict[str, Any], cfg: RunConfig, world: int, where: Path,
-                        say: Callable[[str], None]) -> None:
+def check_resume_config(saved: dict[str, Any], cfg: RunConfig, world: int, where: Path) -> None:
     """Refuse a resume whose config changes the run's identity (every difference listed in one message); log the
     changes that a resume applies."""
     before, now = flatten(saved["config"]), flatten(cfg.to_dict())
@@ -56,4 +57,4 @@ def check_resume_config(saved: dict[str, Any], cfg: RunConfig, world: int, where
                           f"other data, which cannot change on resume: {'; '.join(refused)}. Resume with the original "
                           "values and data, or start a new run (another out=, or overwrite=true)")
     for k in changed:
-        say(f"resume: {k} {before[k]!r} -> {now[k]!r} (applied)")
+        logger.info(f"resume: {k} {before[k]!r} -> {now[k]!r} (applied)")

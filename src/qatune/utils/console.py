@@ -1,19 +1,9 @@
-"""Console output: messages and progress bars on stderr (stdout stays for results), off on non-main ranks."""
+"""Progress bars on stderr (stdout stays for results), off on non-main ranks. Messages go through `logging`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-
-def console_printer(enabled: bool = True) -> Callable[[str], None]:
-    """`print`-like function writing plain text (no markup) to stderr, or a no-op."""
-    if not enabled:
-        return lambda message: None
-    console = Console(stderr=True)
-    return lambda message: console.print(message, markup=False, highlight=False)
 
 
 class ProgressBar:
