@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_run import one_error_line as _one_error_line
+from cli_run import run_cli as _run
+from cli_run import train_args as _train_args
 from safetensors.torch import load_file
 
 from qatune import QatuneError, load_tokenizer
@@ -37,25 +40,6 @@ from qatune.utils.faults import FAULT_ENV
 def _wide_console(monkeypatch):
     """Console messages on one line each (rich wraps at the terminal width), so that tests can read them."""
     monkeypatch.setenv("COLUMNS", "1000")
-
-
-def _train_args(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", f"model={model}", "method=lora", "data.train=sample", "data.max_examples=48",
-            "train.batch_size=8", "train.progress=false", f"out={out}", *extra]
-
-
-def _run(capsys, *argv: str) -> tuple[int, str]:
-    """`qatune ARGV` in this process: (exit status, stderr)."""
-    capsys.readouterr()
-    code = main(list(argv))
-    return code, capsys.readouterr().err
-
-
-def _one_error_line(err: str) -> str:
-    """The error a user sees: exactly one `qatune: error:` line and no traceback."""
-    lines = [line for line in err.splitlines() if line.startswith("qatune: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _snapshot(root: Path) -> dict[str, str]:

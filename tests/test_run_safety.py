@@ -14,6 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cli_run import one_error_line as _one_error_line
+from cli_run import run_cli as _run
+from cli_run import train_args as _train_args
 from safetensors.torch import load_file, save_file
 
 from qatune.cli.commands import main
@@ -31,23 +34,6 @@ from qatune.utils.io import atomic_write_text, write_dir_atomically
 @pytest.fixture(autouse=True)
 def _wide_console(monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")
-
-
-def _train_args(model: Path | str, out: Path | str, *extra: str) -> list[str]:
-    return ["train", f"model={model}", "method=lora", "data.train=sample", "data.max_examples=48",
-            "train.batch_size=8", "train.progress=false", f"out={out}", *extra]
-
-
-def _run(capsys, *argv: str) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main(list(argv))
-    return code, capsys.readouterr().err
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("qatune: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _snapshot(root: Path) -> dict[str, str]:

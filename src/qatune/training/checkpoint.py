@@ -24,7 +24,6 @@ Nothing here unpickles: a crafted checkpoint can hold wrong numbers, never code 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import random
@@ -44,7 +43,7 @@ from qatune.data.readers import DATA_ALIASES, resolve_data
 from qatune.errors import ModelError
 from qatune.training.statefile import load_state, save_state
 from qatune.utils.faults import fault_point
-from qatune.utils.io import fsync_dir, fsync_tree, scratch_beside
+from qatune.utils.io import fsync_dir, fsync_tree, scratch_beside, sha256_file
 
 FORMAT = 2  # 1: state.pt (a pickle), no manifest -- no longer read
 WEIGHTS, STATE_TENSORS, STATE_JSON, MANIFEST = "weights.safetensors", "state.safetensors", "state.json", "manifest.json"
@@ -96,7 +95,7 @@ def _stat_key(path: Path) -> tuple[int, int]:
 @functools.lru_cache(maxsize=64)
 def _content_id(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
     """Size and SHA-256, hashed once per (file, size, mtime): every checkpoint of a run records them."""
-    return {"bytes": size, "sha256": _sha256(path)}
+    return {"bytes": size, "sha256": sha256_file(path)}
 
 
 def data_changes(recorded: dict[str, dict[str, Any]] | None, now: dict[str, dict[str, Any]]) -> list[str]:
@@ -161,7 +160,7 @@ def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], state: 
     fault_point("weights-written")
     save_state(state, tmp / STATE_JSON, tmp / STATE_TENSORS, after_tensors=lambda: fault_point("tensors-written"))
     fault_point("state-written")
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
     fsync_tree(tmp)
     fault_point("manifest-written")
@@ -210,14 +209,6 @@ def _rotate(root: Path, keep: int, step: int) -> None:
             shutil.rmtree(p)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------- reading
 
 
@@ -240,7 +231,7 @@ def verify(path: Path, *, hashes: bool = True) -> str | None:
                 return f"{name} is missing"
             if f.stat().st_size != meta["bytes"]:
                 return f"{name} has {f.stat().st_size} bytes, its manifest says {meta['bytes']}"
-            if hashes and _sha256(f) != meta["sha256"]:
+            if hashes and sha256_file(f) != meta["sha256"]:
                 return f"{name} does not match its SHA-256 in {MANIFEST}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable {MANIFEST}: {e}"
