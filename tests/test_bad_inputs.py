@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import struct
@@ -34,7 +33,9 @@ from qatune.models.loading import load_base_model
 from qatune.models.tokenizer import load_tokenizer
 from qatune.utils.faults import FAULT_ENV
 
-MEMORY_LIMIT = 3 << 30  # address space of a bounded child: about 4x what the CLI needs to start
+# Address space a bounded child may add to what it holds once qatune's CLI is imported (measured then, in the
+# child: a CUDA build of torch maps gigabytes of libraries at import, a CPU build a few hundred megabytes).
+MEMORY_LIMIT = 3 << 30
 
 
 @pytest.fixture(autouse=True)
@@ -52,18 +53,17 @@ def _refused(capsys, *argv: str) -> str:
     return lines[0]
 
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 def _bounded_cli(*argv: str) -> str:
     """`qatune ARGV` in a child limited to `MEMORY_LIMIT` of address space and 5 minutes; like `_refused`, and
     the whole of stderr must be short: a refused bomb is never expanded into its message."""
-    code = "import sys; from qatune.cli.commands import main; sys.exit(main(sys.argv[1:]))"
+    code = ("import re, resource, sys; from qatune.cli.commands import main; "
+            "held = int(re.search(r'VmSize:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024; "
+            f"resource.setrlimit(resource.RLIMIT_AS, (held + {MEMORY_LIMIT}, held + {MEMORY_LIMIT})); "
+            "sys.exit(main(sys.argv[1:]))")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
                COLUMNS="1000")
     done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True,
-                          timeout=300, preexec_fn=_limit_memory)
+                          timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.startswith("qatune: error:")]
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, (
         done.returncode, done.stderr[-3000:])
@@ -344,4 +344,4 @@ def test_push_without_network_is_one_line(qa_gpt2_dir, tmp_path, capsys, monkeyp
     line = _refused(capsys, "push", str(run), "me/my-adapter")
     assert "upload to me/my-adapter failed" in line and "network connection" in line
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert "upload to me/x failed (OfflineModeIsEnabled" in _refused(capsys, "push", str(run), "me/x")
+    assert "upload to me/x failed (" in _refused(capsys, "push", str(run), "me/x")  # the error's kind: by hub version

@@ -95,7 +95,16 @@ def _gpt2_qv_block_mask(r: int) -> torch.Tensor:
 
 
 def _peft_tensors(ref: peft.PeftModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in peft.get_peft_model_state_dict(ref).items()}
+    """peft's adapter state dict. Older peft releases (0.13 among them) leave the biases of `bias="lora_only"` out
+    of it: they look for `c_fc.bias`, which lives at `c_fc.base_layer.bias` once the layer wraps its base. Those
+    trained tensors are read from the model, under the names that newer releases save."""
+    tensors = {k: v.detach() for k, v in peft.get_peft_model_state_dict(ref).items()}
+    if ref.peft_config["default"].bias == "lora_only":
+        full = ref.state_dict()
+        for key, value in full.items():
+            if key.endswith(".base_layer.bias") and key.replace("base_layer.bias", "lora_A.default.weight") in full:
+                tensors.setdefault(key, value.detach())
+    return tensors
 
 
 def _qatune_tensors(model: torch.nn.Module, out: Path, base_dir: Path) -> dict[str, torch.Tensor]:
