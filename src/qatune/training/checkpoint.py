@@ -29,7 +29,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from qatune.data.readers import DATA_ALIASES, resolve_data
 from qatune.errors import ModelError
 from qatune.training.statefile import load_state, save_state
 from qatune.utils.faults import fault_point
-from qatune.utils.io import fsync_dir, fsync_tree, scratch_beside, sha256_file
+from qatune.utils.io import fsync_dir, fsync_tree, scratch_beside, sha256_file, swap_dir_in
 
 FORMAT = 2  # 1: state.pt (a pickle), no manifest -- no longer read
 WEIGHTS, STATE_TENSORS, STATE_JSON, MANIFEST = "weights.safetensors", "state.safetensors", "state.json", "manifest.json"
@@ -169,13 +168,7 @@ def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], state: 
 def _swap_in(tmp: Path, final: Path) -> None:
     """Rename the finished directory into place. A same-named one (a stale checkpoint from a run that resumed
     from an earlier step) is set aside first; a kill in between leaves the earlier checkpoints to resume from."""
-    aside = None
-    if final.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, aside / final.name)
-        fault_point("old-set-aside")
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    aside = swap_dir_in(tmp, final, aside_fault="old-set-aside")
     fault_point("renamed")
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)

@@ -212,16 +212,24 @@ def replace_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], N
         write(tmp)
         fsync_tree(tmp)
         fault_point("dir-written")
-        aside = None
-        if out.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, aside / out.name)
-            fault_point("old-dir-set-aside")
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        aside = swap_dir_in(tmp, out, aside_fault="old-dir-set-aside")
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return out
+
+
+def swap_dir_in(tmp: Path, final: Path, *, aside_fault: str) -> Path | None:
+    """Rename the finished directory `tmp` to `final`. A same-named directory is first renamed aside, into a fresh
+    `.NAME.old-XXXXXXXX` folder beside it (a kill in between leaves it whole there); returns that folder for the
+    caller to remove once it no longer needs it, or None. `aside_fault`: the crash-test point between the renames."""
+    aside = None
+    if final.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, aside / final.name)
+        fault_point(aside_fault)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return aside
 
 
 def remove_leftovers_beside(target: str | os.PathLike) -> list[Path]:
