@@ -28,7 +28,7 @@ from qatune.errors import ConfigError
 from qatune.runs.layout import EvalDir, RunDir
 from qatune.training.config import config_from_dict
 from qatune.training.loggers import flatten
-from qatune.utils.io import atomic_write_text
+from qatune.utils.io import atomic_write_text, sha256_file
 
 # Config keys that do not change what a training computes: where it writes, how it reports, how often it saves.
 _NOT_RESULTS = {"out", "resume", "overwrite", "train.progress", "train.log_every", "train.report_to",
@@ -80,11 +80,11 @@ def file_fingerprint(data: str | Path) -> dict[str, Any]:
     (`hf:` data has only its name)."""
     path = Path(resolve_data(data))
     if path.is_file():
-        return {"path": str(path), "sha256": _digest(path.read_bytes()), "bytes": path.stat().st_size}
+        return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
     if not files:
         return {"path": str(data)}
-    listing = "".join(f"{f.relative_to(path)}\0{_digest(f.read_bytes())}\n" for f in files)  # names and contents
+    listing = "".join(f"{f.relative_to(path)}\0{sha256_file(f)}\n" for f in files)  # names and contents
     return {"path": str(path), "sha256": _digest(listing.encode()), "bytes": sum(f.stat().st_size for f in files)}
 
 
