@@ -1,6 +1,8 @@
 """qatune.data.batching: template split, answer-only labels (real GPT-2 tokenizer, and the tokenizer conftest builds),
 truncation, padding, packing, and the deterministic batch order the trainer relies on to resume mid-epoch."""
 
+import random
+
 import pytest
 import torch
 
@@ -220,7 +222,21 @@ def test_plan_is_a_pure_function_of_seed_and_epoch(packing):
 
 def test_unshuffled_plan_keeps_data_order():
     assert plan_batches([1, 1, 1, 1, 1], 2, shuffle=False) == [[[0], [1]], [[2], [3]], [[4]]]
-    assert plan_batches([3, 3, 3, 3], 2, shuffle=False, packing=True, max_length=6) == [[[0, 1], [2, 3]]]
+    assert plan_batches([3, 3, 3, 3], 2, shuffle=False, packing=True, max_length=6) == [[[0, 1]], [[2, 3]]]
+    assert plan_batches([3, 3, 3, 3], 3, shuffle=False, packing=True, max_length=6) == [[[0, 1], [2]], [[3]]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packing_keeps_the_examples_of_every_batch(seed):
+    """A batch is batch_size examples with or without packing: packing only removes padding, so two prompt
+    formats of different lengths train on the same examples per step and take the same steps per epoch."""
+    lengths = [random.Random(seed * 100 + i).randint(1, 40) for i in range(57)]
+    plain = plan_batches(lengths, 8, seed=seed, epoch=1)
+    packed = plan_batches(lengths, 8, packing=True, max_length=48, seed=seed, epoch=1)
+    assert len(packed) == len(plain) == 8  # ceil(57 / 8)
+    assert [[i for row in b for i in row] for b in packed] == [[i for row in b for i in row] for b in plain]
+    assert all(sum(lengths[i] for i in row) <= 48 for batch in packed for row in batch)
+    assert sum(len(batch) for batch in packed) < sum(len(batch) for batch in plain)  # really packed
 
 
 @pytest.mark.parametrize("packing", [False, True])

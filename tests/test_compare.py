@@ -59,7 +59,7 @@ def test_sweep_resumes_after_sigkill_and_reports(qa_gpt2_dir, tmp_path):
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "finished run was redone"
     assert "training" not in [line for line in done.stderr.splitlines() if first.name in line][0]
 
-    runs = ["zero-shot", "full-s0", "lora-r4-s0"]
+    runs = ["zero-shot-plain", "full-s0", "lora-r4-s0"]  # the tiny tokenizer has no chat template
     for name in runs:
         assert (out / "runs" / f"{qa_gpt2_dir.name}-{name}" / "eval" / "metrics.json").is_file()
     results = json.loads((out / "results.json").read_text())
@@ -72,7 +72,7 @@ def test_sweep_resumes_after_sigkill_and_reports(qa_gpt2_dir, tmp_path):
     assert results["training"] == {"runs": 2, "wall_time_s": pytest.approx(trained)}
 
     report = (out / "report.md").read_text()
-    assert "| LoRA r=4 |" in report and "| full |" in report and "| zero-shot |" in report
+    assert "| LoRA r=4 |" in report and "| full |" in report and "| zero-shot, plain |" in report
     assert "### Verdict" in report and "Conclusion:" in report and "torch " in report
     # contains, from each run's predictions.jsonl, beside F1 and EM, and in the verdict
     rows = [json.loads(line) for line in (first / "eval" / "predictions.jsonl").read_text().splitlines()]
@@ -181,7 +181,7 @@ def test_selection_reads_validation_only(tmp_path):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({"models": ["m"], "methods": ["lora"], "ranks": [8], "seeds": [0],
                                           "grid": {"lora": {"train.lr": [1e-4, 3e-4, 1e-3]}},
-                                          "eval": {"data": "sample-test"}}))
+                                          "select": {"metric": "val_loss"}, "eval": {"data": "sample-test"}}))
     sweep, out = load_sweep(sweep_file), tmp_path / "out"
     candidates = sweep.candidates()
     rng = np.random.default_rng(0)
@@ -247,12 +247,12 @@ def test_sweep_with_a_grid_baselines_and_extra_sets(qa_gpt2_dir, tmp_path):
     picked_lora = [n for n in selection["picked"] if "-lora-" in n]
     assert len(picked_lora) == 2 and {n[-3:] for n in picked_lora} == {"-s0", "-s1"}
     names = [r["name"] for r in results["runs"]]
-    assert names[:2] == [f"{label}-zero-shot", f"{label}-2-shot"] and len(names) == 6
+    assert names[:2] == [f"{label}-zero-shot-plain", f"{label}-2-shot-plain"] and len(names) == 6
     base = results["runs"][0]
     assert len(base["item_scores"]["test"]["f1"]) == 6 and len(base["item_scores"]["unseen"]["f1"]) == 5
     assert len(base["item_scores"]["mc"]["acc_norm"]) == 6 and "mc" not in results["runs"][1]["item_scores"]
     report = (out / "report.md").read_text()
-    for text in ("### Learning: the test set", "### Generalisation: unseen", "### Forgetting: mc", "| 2-shot |",
+    for text in ("### Learning: the test set", "### Generalisation: unseen", "### Forgetting: mc", "| 2-shot, plain |",
                  "**Learns.**", "**Generalises (unseen).**", "**Forgets (mc).**", "**Costs.**", "**Conclusion:**",
                  "picked on the validation set only", "train.lr=0.01"):
         assert text in report, text

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from qatune.compare.sweep import Point, Run, Sweep
+from qatune.compare.sweep import Point, Run, Sweep, point_dict
 from qatune.evaluation.measure import resolve_task
 from qatune.runs.layout import EvalDir, RunDir
 from qatune.utils.env import machine_info
@@ -59,7 +59,7 @@ def _evaluated_row(sweep: Sweep, out: Path, run: Run, task: str) -> dict[str, An
     metrics = json.loads(run_dir.eval.metrics.read_text())
     row: dict[str, Any] = {
         "name": run.name, "model": run.model, "method": run.method, "rank": run.rank, "seed": run.seed,
-        "point": dict(run.point), "shots": run.shots,
+        "point": point_dict(run.point), "shots": run.shots, "prompt_format": run.prompt_format,
         "eval": {k: v for k, v in metrics.items() if k not in ("generation", "template", "source")},
         "item_scores": {"test": _item_scores(run_dir.eval, task)}, "extra": {},
     }
@@ -92,8 +92,19 @@ def _training_facts(run_dir: RunDir, run: Run) -> dict[str, Any]:
 
 
 def _candidate_row(sweep: Sweep, out: Path, run: Run, picked: bool) -> dict[str, Any]:
-    return {"name": run.name, "model": run.model, "method": run.method, "rank": run.rank, "point": dict(run.point),
-            "picked": picked, sweep.select_metric: selection_value(out / "runs" / run.name, sweep.select_metric)}
+    """A grid point as the study reads it: its best validation loss and generation metric, their curves over
+    the steps, what it trained, and what answering the validation questions cost it."""
+    run_dir = RunDir(out / "runs" / run.name)
+    events = [json.loads(line) for line in _lines(run_dir.metrics)]
+    evals = [e for e in events if e.get("event") == "eval"]
+    summary = json.loads(run_dir.summary.read_text())
+    metric = sweep.select_metric
+    return {"name": run.name, "model": run.model, "method": run.method, "rank": run.rank,
+            "point": point_dict(run.point), "picked": picked,
+            metric: selection_value(run_dir.path, metric), "val_loss": selection_value(run_dir.path, "val_loss"),
+            "curve": [{k: e.get(k) for k in ("step", "val_loss", metric)} for e in evals],
+            "trainable_params": summary.get("trainable_params"), "wall_time_s": summary.get("wall_time_s"),
+            "generate_s": sum(e.get("generate_s") or 0.0 for e in evals)}
 
 
 def _item_scores(eval_dir: EvalDir, task: str) -> dict[str, list[float]]:

@@ -22,13 +22,15 @@ class ReportRow:
     rank: int | None
     rows: list[dict[str, Any]]
     shots: int = 0
+    prompt_format: str | None = None  # a baseline's; a trained row's is in its runs' points or base config
     scores: dict[tuple[str, str], np.ndarray | None] = field(default_factory=dict, repr=False)
 
     @property
     def label(self) -> str:
         if self.method == "lora":
             return f"LoRA r={self.rank if self.rank is not None else self.rows[0]['point'].get('lora.r')}"
-        return f"{self.shots}-shot" if self.method == "k-shot" else self.method
+        name = f"{self.shots}-shot" if self.method == "k-shot" else self.method
+        return f"{name}, {self.prompt_format}" if self.prompt_format else name
 
     @property
     def trained(self) -> bool:
@@ -50,7 +52,7 @@ def group(results: dict[str, Any]) -> dict[str, list[ReportRow]]:
     """Rows grouped by base model, then by configuration, in sweep order (baselines first)."""
     models: dict[str, dict[tuple, ReportRow]] = {}
     for row in results["runs"]:
-        key = (row["method"], row["rank"], row.get("shots", 0))
+        key = (row["method"], row["rank"], row.get("shots", 0), row.get("prompt_format"))
         cells = models.setdefault(row["model"], {})
-        cells.setdefault(key, ReportRow(row["method"], row["rank"], [], row.get("shots", 0))).rows.append(row)
+        cells.setdefault(key, ReportRow(*key[:2], [], *key[2:])).rows.append(row)
     return {model: list(cells.values()) for model, cells in models.items()}

@@ -46,24 +46,26 @@ from qatune.compare.provenance import (
 from qatune.compare.report import write_report
 from qatune.compare.results import collect_results, selection_value
 from qatune.compare.sweep import (
+    VALIDATION,
     ExtraEval,
     Point,
     Run,
     Sweep,
     confined,
     load_sweep,
+    point_dict,
     slice_paths,
     substitute,
     write_slices,
 )
 from qatune.data.prompts import draw_shots
-from qatune.data.readers import load_examples, resolve_data
+from qatune.data.readers import load_examples, resolve_data, split_train_val
 from qatune.errors import ConfigError, QatuneError
-from qatune.evaluation.measure import evaluate
+from qatune.evaluation.measure import evaluate, resolve_task, validation_generation
 from qatune.evaluation.multiple_choice import evaluate_multiple_choice
 from qatune.generation.decode import GenerationConfig
 from qatune.runs.layout import RunDir, lock_directory
-from qatune.training.config import config_from_dict
+from qatune.training.config import DataSection, config_from_dict
 from qatune.utils.io import atomic_write_text
 
 _MAX_FILE_NAME_BYTES = 255 - len(".") - len(".tmp-12345678")  # room for an atomic write's temporary: .NAME.tmp-XXXXXXXX
@@ -109,6 +111,7 @@ def prepare(sweep: Sweep, out: Path) -> dict[str, dict[str, Any]]:
     """`slice:` names replaced by their files' paths and every run's train config built and validated; nothing
     is written (a typo fails now, not in an hour, and leaves no trace). Returns the configs by run name."""
     _check_file_names(sweep)
+    _drop_missing_chat(sweep)
     paths = slice_paths(sweep, confined(out, "data"))
     sweep.base, sweep.eval = substitute(sweep.base, paths), substitute(sweep.eval, paths)
     sweep.extra_eval = substitute(sweep.extra_eval, paths)
@@ -118,6 +121,18 @@ def prepare(sweep: Sweep, out: Path) -> dict[str, dict[str, Any]]:
         configs[run.name] = sweep.train_config(run, confined(out, "runs", run.name))
         config_from_dict(configs[run.name]).resolved()
     return configs
+
+
+def _drop_missing_chat(sweep: Sweep) -> None:
+    """Unless the sweep lists the baselines' formats itself, a model whose tokenizer has no chat template is
+    asked in the plain format only."""
+    if sweep.formats_declared:
+        return
+    from qatune.models.tokenizer import load_tokenizer  # a tokenizer load, only for sweeps with baselines
+
+    for model in sweep.models if sweep.zero_shot or sweep.few_shot else []:
+        if not getattr(load_tokenizer(model), "chat_template", None):
+            sweep.baseline_formats[model] = [f for f in sweep.baseline_formats[model] if f != "chat"]
 
 
 def _check_file_names(sweep: Sweep) -> None:
@@ -154,16 +169,18 @@ def ensure_trained(out: Path, run: Run, config: dict[str, Any], started: float) 
 
 def select(sweep: Sweep, out: Path) -> dict[tuple[str, str, int | None], Point]:
     """Each configuration's grid point with the best validation metric (first seed); ties go to the earlier
-    point. Only validation is read: the test set scores the picks and nothing else. Written to selection.json."""
+    point. Only validation is read: the test set scores the picks and nothing else. Written to selection.json,
+    with the best validation loss of every point beside a generation metric (where the two disagree shows)."""
     picks, record = {}, []
-    higher = sweep.select_metric != "val_loss"
     for cell in sweep.cells():
         scored = []
         for run in (r for r in sweep.candidates() if r.cell == cell):
-            value = selection_value(out / "runs" / run.name, sweep.select_metric)
+            run_dir = out / "runs" / run.name
+            value = selection_value(run_dir, sweep.select_metric)
             scored.append((run, value))
-            record.append({"run": run.name, "point": dict(run.point), sweep.select_metric: value})
-        picks[cell] = pick_point(scored, higher_is_better=higher)
+            record.append({"run": run.name, "point": point_dict(run.point), sweep.select_metric: value,
+                           "val_loss": selection_value(run_dir, "val_loss")})
+        picks[cell] = pick_point(scored, higher_is_better=sweep.selects_on_answers)
     atomic_write_text(out / "selection.json", json.dumps({"metric": sweep.select_metric, "candidates": record,
                                                           "picked": [r.name for r in sweep.finals(picks)]},
                                                          indent=2) + "\n")
@@ -185,6 +202,8 @@ def ensure_evaluated(sweep: Sweep, out: Path, run: Run, tag: str, started: float
     the settings the sweep gives now; one done with other settings is removed and made again."""
     run_dir = RunDir(out / "runs" / run.name)
     todo = [(run_dir.eval, _test_call(sweep, run, run_dir))]
+    if not run.trained:  # a trained run's validation answers are in its metrics.jsonl
+        todo.append((run_dir.eval_named(VALIDATION), _validation_call(sweep, run)))
     todo += [(run_dir.eval_named(spec.name), _extra_call(sweep, run, run_dir, spec)) for spec in sweep.extra_eval
              if run.method != "k-shot"]  # k-shot is a baseline of the test task only
     jobs = [(where, function, kwargs, evaluation_spec(function.__name__, kwargs)) for where, (function, kwargs) in todo]
@@ -213,11 +232,30 @@ def _test_call(sweep: Sweep, run: Run, run_dir: RunDir) -> tuple[Callable[..., A
     return evaluate, dict(
         source=_source(run, run_dir), data=ev.data,
         template=ev.template or (None if run.trained else data.get("template")),
-        prompt_format=ev.prompt_format or (None if run.trained else data.get("prompt_format")),
+        prompt_format=ev.prompt_format or run.prompt_format,
         shots=shots, max_length=None if run.trained else data.get("max_length"),
         generation=GenerationConfig(**ev.generation), batch_size=ev.batch_size,
         max_examples=ev.max_examples, task=ev.task, fmt=ev.format,
         loss=ev.loss)
+
+
+def _validation_call(sweep: Sweep, run: Run) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """A baseline answers the validation questions the trainings answer (base.data.val, or the questions
+    `val_fraction` holds out with the first seed), decoded as they are, so that the best baseline by validation
+    is the bar every fine-tune must clear."""
+    data = sweep.base.get("data", {})
+    fraction = data.get("val_fraction", DataSection.val_fraction)
+    if not data.get("val") and not fraction > 0:
+        raise ConfigError(f"{sweep.path}: the baselines are compared on the validation set, and the sweep has none "
+                          "(base.data.val, or base.data.val_fraction > 0)")
+    source, fmt = data.get("val") or data["train"], data.get("format", "auto")
+    split = None if data.get("val") else (fraction, sweep.seeds[0])
+    task = resolve_task(sweep.eval.task, sweep.eval.format, sweep.eval.data)
+    shots = _shots(sweep) if run.method == "k-shot" else []
+    return evaluate, dict(
+        source=run.model, data=source, template=data.get("template"), prompt_format=run.prompt_format, shots=shots,
+        generation=validation_generation(task), batch_size=sweep.eval.batch_size, max_examples=sweep.select_examples,
+        task=task, fmt=fmt, loss=False, split=split)
 
 
 def _extra_call(sweep: Sweep, run: Run, run_dir: RunDir,
@@ -229,18 +267,22 @@ def _extra_call(sweep: Sweep, run: Run, run_dir: RunDir,
     data = sweep.base.get("data", {})
     return evaluate, dict(
         source=_source(run, run_dir), data=spec.data, template=None if run.trained else data.get("template"),
-        prompt_format=None if run.trained else data.get("prompt_format"),
+        prompt_format=run.prompt_format,
         generation=GenerationConfig(**sweep.eval.generation),
         batch_size=spec.batch_size, max_examples=spec.max_examples, task=spec.task,
         fmt=spec.format, loss=False)
 
 
 def _shots(sweep: Sweep) -> list:
-    """The k-shot baseline's solved examples: k training examples drawn with the first seed."""
+    """The k-shot baseline's solved examples: k training examples drawn with the first seed, never one of the
+    validation questions the baselines are compared on."""
     data = sweep.base.get("data", {})
     if "train" not in data:
         raise ConfigError(f"{sweep.path}: few_shot draws its examples from base.data.train, which is not set")
-    return draw_shots(load_examples(data["train"], fmt=data.get("format", "auto")), sweep.few_shot, sweep.seeds[0])
+    examples = load_examples(data["train"], fmt=data.get("format", "auto"))
+    if not data.get("val"):
+        examples = split_train_val(examples, data.get("val_fraction", DataSection.val_fraction), sweep.seeds[0])[0]
+    return draw_shots(examples, sweep.few_shot, sweep.seeds[0])
 
 
 def _train(config_path: Path, run_dir: Path) -> None:

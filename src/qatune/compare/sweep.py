@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from qatune.data.prompts import PROMPT_FORMATS
 from qatune.data.readers import FORMATS, resolve_data
 from qatune.errors import ConfigError
-from qatune.evaluation.measure import TASKS
+from qatune.evaluation.measure import TASKS, resolve_task
 from qatune.generation.decode import GenerationConfig
 from qatune.training.state import EARLY_STOP_METRICS
 from qatune.utils.io import atomic_write_text
@@ -32,6 +32,8 @@ from qatune.utils.yamlfile import read_yaml_mapping
 
 EXTRA_TASKS = ("qa", "nlg", "mc")
 METHODS = ("full", "lora")
+BASELINE_FORMATS = ("plain", "chat")
+VALIDATION = "validation"  # the baselines' evaluation on the validation set: RUN/eval-validation
 Point = tuple[tuple[str, Any], ...]  # a grid point: (dotted config key, value) pairs
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # slice names: one plain file name, never a path
 MAX_NAME_BYTES = 100  # a run's name, before its seed: it becomes directory and file names (255 bytes at most)
@@ -43,6 +45,8 @@ def model_label(model: str) -> str:
 
 
 def _value_tag(value: Any) -> str:
+    if isinstance(value, (list, tuple)):  # lora.targets: [q, v] -> q+v
+        return "+".join(map(_value_tag, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -59,7 +63,8 @@ def bounded_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Run:
-    """One run. `method` is "zero-shot" or "k-shot" for an untrained model (evaluation only)."""
+    """One run. `method` is "zero-shot" or "k-shot" for an untrained model (evaluation only), prompted in
+    `prompt_format`; a trained run is evaluated in the format it was trained in."""
 
     model: str
     method: str
@@ -67,6 +72,7 @@ class Run:
     seed: int | None = None
     point: Point = ()
     shots: int = 0
+    prompt_format: str | None = None
 
     @property
     def trained(self) -> bool:
@@ -80,10 +86,11 @@ class Run:
     @property
     def name(self) -> str:
         label = model_label(self.model)
+        prompted = f"-{self.prompt_format}" if self.prompt_format else ""
         if self.method == "zero-shot":
-            return bounded_name(f"{label}-zero-shot")
+            return bounded_name(f"{label}-zero-shot{prompted}")
         if self.method == "k-shot":
-            return bounded_name(f"{label}-{self.shots}-shot")
+            return bounded_name(f"{label}-{self.shots}-shot{prompted}")
         tag = "".join(f"-{key.rpartition('.')[2]}{_value_tag(value)}" for key, value in self.point)
         return bounded_name(f"{label}-{self.method}" + (f"-r{self.rank}" if self.rank else "") + tag) + f"-s{self.seed}"
 
@@ -94,8 +101,15 @@ class _SweepSection:
 
 @dataclass
 class SelectSection(_SweepSection):
-    metric: str = setting("val_loss", choices=EARLY_STOP_METRICS,
-                          help="the validation metric that picks each configuration's grid point")
+    """How a configuration's grid point is picked, on the validation set only. A QA test set defaults to F1 of
+    the answers generated for the validation questions (what users want is better answers, and a validation
+    loss is not comparable across prompt formats); other tasks to the validation loss."""
+
+    metric: str | None = setting(None, choices=EARLY_STOP_METRICS,
+                                 help="the validation metric that picks each configuration's grid point; "
+                                 "default: f1 for a QA test set, else val_loss")
+    examples: int = setting(1000, ge=1, help="validation questions answered at each evaluation of a training "
+                            "when the metric is a generation metric (its train.eval_generate)")
 
 
 @dataclass
@@ -147,7 +161,12 @@ class SweepFile(_SweepSection):
     seeds: list[int] = setting(default_factory=lambda: [0], ge=0)
     zero_shot: bool = False
     few_shot: int = setting(0, ge=0, help="k of the k-shot baseline; 0: none")
-    grid: dict[str, dict[str, list[Any]]] = setting(default_factory=dict, choices=METHODS)
+    baseline_formats: list[str] | None = setting(None, choices=BASELINE_FORMATS,
+                                                 help="prompt formats of the baselines; default: plain, and chat "
+                                                 "for a model whose tokenizer has a chat template")
+    grid: dict[str, dict[str, list[Any]] | list[dict[str, list[Any]]]] = setting(
+        default_factory=dict, choices=METHODS,
+        help="per method: {dotted key: [values]} (every combination), or a list of such mappings (the union)")
     select: SelectSection = field(default_factory=SelectSection)
     base: dict[str, Any] = setting(default_factory=dict, help="the train config every run shares")
     method_overrides: dict[str, dict[str, Any]] = setting(default_factory=dict, choices=METHODS)
@@ -168,6 +187,9 @@ class Sweep:
     few_shot: int
     grid: dict[str, list[Point]]  # method -> its points ([()] without a grid)
     select_metric: str
+    select_examples: int
+    baseline_formats: dict[str, list[str]]  # model -> the prompt formats its baselines are asked in
+    formats_declared: bool  # baseline_formats written in the file (else chat is dropped for a model without one)
     base: dict[str, Any]
     method_overrides: dict[str, dict[str, Any]]
     eval: EvalSection
@@ -192,13 +214,19 @@ class Sweep:
         return [Run(*cell, seed, point) for cell in self.cells() for point in self.grid[cell[1]] for seed in self.seeds]
 
     def baselines(self) -> list[Run]:
-        runs = [Run(m, "zero-shot") for m in self.models] if self.zero_shot else []
-        return runs + ([Run(m, "k-shot", shots=self.few_shot) for m in self.models] if self.few_shot else [])
+        """The untrained models, zero-shot and k-shot, in every prompt format of `baseline_formats`."""
+        kinds = ([("zero-shot", 0)] if self.zero_shot else []) + ([("k-shot", self.few_shot)] if self.few_shot else [])
+        return [Run(m, method, shots=shots, prompt_format=fmt) for m in self.models for method, shots in kinds
+                for fmt in self.baseline_formats[m]]
+
+    @property
+    def selects_on_answers(self) -> bool:
+        return self.select_metric != "val_loss"
 
     def train_config(self, run: Run, run_dir: Path) -> dict[str, Any]:
         """`base`, then the method's overrides, then the grid point, then what the run fixes."""
         cfg = _merge(self.base, self.method_overrides.get(run.method, {}))
-        for key, value in run.point:
+        for key, value in point_dict(run.point).items():
             *sections, leaf = key.split(".")
             node = cfg
             for section in sections:
@@ -209,6 +237,9 @@ class Sweep:
         cfg["train"].setdefault("run_group", self.name)  # experiment trackers group the sweep's runs
         if run.method == "lora" and run.rank is not None:
             cfg.setdefault("lora", {})["r"] = run.rank
+        if self.selects_on_answers:  # every evaluation answers the validation questions; the result is the best
+            cfg["train"].setdefault("eval_generate", self.select_examples)  # checkpoint by the same metric
+            cfg["train"].setdefault("early_stop_metric", self.select_metric)
         return cfg
 
 
@@ -244,10 +275,23 @@ def _sweep(path: Path, raw: SweepFile) -> Sweep:
     for i, name in enumerate(names):
         if not name.replace("_", "").replace("-", "").isalnum() or name in names[:i]:
             raise ConfigError(f"extra_eval[{i}].name {name!r} must be a unique identifier")
+    if VALIDATION in names:
+        raise ConfigError(f"extra_eval name {VALIDATION!r} is reserved for the baselines' validation scores")
     _check_slices(raw.slices)
+    formats = raw.baseline_formats or list(BASELINE_FORMATS)
     return Sweep(path, raw.name or path.stem, raw.description, raw.models, raw.methods, ranks, raw.seeds,
-                 raw.zero_shot, raw.few_shot, grid, raw.select.metric, raw.base, raw.method_overrides, raw.eval,
-                 raw.extra_eval, raw.slices)
+                 raw.zero_shot, raw.few_shot, grid, raw.select.metric or _default_metric(raw),
+                 raw.select.examples, {model: list(formats) for model in raw.models},
+                 raw.baseline_formats is not None, raw.base,
+                 raw.method_overrides, raw.eval, raw.extra_eval, raw.slices)
+
+
+def _default_metric(raw: SweepFile) -> str:
+    """F1 of the validation answers for a QA test set, the validation loss otherwise."""
+    data = raw.eval.data
+    if data.startswith("slice:") and data[len("slice:"):] in raw.slices:
+        data = raw.slices[data[len("slice:"):]].source
+    return "f1" if resolve_task(raw.eval.task, raw.eval.format, data) == "qa" else "val_loss"
 
 
 def _check_slices(slices: dict[str, SliceSpec]) -> None:
@@ -270,14 +314,31 @@ def confined(root: Path, *parts: str) -> Path:
     return path
 
 
-def _grid_points(method: str, spec: dict[str, list[Any]] | None) -> list[Point]:
-    """`{train.lr: [1e-4, 3e-4], lora.alpha: [16, 32]}` -> every combination, in key order."""
+def _grid_points(method: str, spec: dict[str, list[Any]] | list[dict[str, list[Any]]] | None) -> list[Point]:
+    """`{train.lr: [1e-4, 3e-4], lora.alpha: [16, 32]}` -> every combination, in key order; a list of such
+    mappings -> the union of their combinations, in order, each point once (a study that varies one thing at a
+    time around a centre, instead of every combination)."""
     if spec is None:
         return [()]
+    if isinstance(spec, list):
+        if not spec:
+            raise ConfigError(f"grid.{method} is an empty list")
+        points = [point for part in spec for point in _grid_points(method, part)]
+        return list(dict.fromkeys(points))
     if not spec or not all(spec.values()):
         raise ConfigError(f"grid.{method} must map dotted config keys to non-empty lists of values")
     keys = list(spec)
-    return [tuple(zip(keys, values)) for values in itertools.product(*(spec[k] for k in keys))]
+    return [tuple(zip(keys, values)) for values in itertools.product(*(map(_frozen, spec[k]) for k in keys))]
+
+
+def _frozen(value: Any) -> Any:
+    """A list value (lora.targets) as a tuple, so that points and runs can be compared and hashed."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def point_dict(point: Point) -> dict[str, Any]:
+    """A point as the config mapping it stands for (tuples back to the lists they were written as)."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in point}
 
 
 def slice_paths(sweep: Sweep, data_dir: Path) -> dict[str, str]:

@@ -200,9 +200,11 @@ def plan_batches(
 ) -> list[list[list[int]]]:
     """The epoch's batches as feature indices: batch -> row -> indices (one index per row unless packing).
 
-    A pure function of its arguments, so the number of batches of an epoch (which varies with packing) and
-    any batch can be recomputed on resume. The shuffle seed is the string "seed:epoch" (stable across runs,
-    unlike hash-based seeds).
+    A batch is `batch_size` examples, packed or not: packing puts a batch's examples into as few rows of
+    `max_length` tokens as they fit in, so it removes padding without changing how many examples an optimizer
+    step sees (a prompt format with shorter rows would otherwise train on more examples per step, and take
+    fewer steps per epoch, than a longer one). A pure function of its arguments, so any batch can be recomputed
+    on resume. The shuffle seed is the string "seed:epoch" (stable across runs, unlike hash-based seeds).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -212,9 +214,9 @@ def plan_batches(
     if packing:
         if max_length is None:
             raise ValueError("packing needs max_length")
-        rows = _pack_indices(order, lengths, max_length)
-    else:
-        rows = [[i] for i in order]
+        return [_pack_indices(order[i : i + batch_size], lengths, max_length)
+                for i in range(0, len(order), batch_size)]
+    rows = [[i] for i in order]
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 

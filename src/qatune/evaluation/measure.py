@@ -25,7 +25,14 @@ import torch
 
 from qatune.data.batching import encode_dataset
 from qatune.data.prompts import DEFAULT_TEMPLATE, PromptFormat, make_prompt_format
-from qatune.data.readers import DataReport, QAExample, group_references, load_examples, resolve_data
+from qatune.data.readers import (
+    DataReport,
+    QAExample,
+    group_references,
+    load_examples,
+    resolve_data,
+    split_train_val,
+)
 from qatune.errors import ConfigError, DataError
 from qatune.evaluation.loss import evaluate_loss
 from qatune.evaluation.metrics import bleu, generation_scores, per_example_qa, qa_scores, rouge_l
@@ -66,6 +73,7 @@ def evaluate(
     fmt: str = "auto",
     max_length: int | None = None,
     loss: bool = True,
+    split: tuple[float, int] | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -78,6 +86,9 @@ def evaluate(
     examples (QA) or the first N distinct inputs (NLG). `out_dir` defaults to `RUN_DIR/eval` for a run
     directory; for a bare model nothing is written unless `out_dir` is given. `loss=False` skips the loss:
     on a slow machine it can cost as much as generating, and training's validation loss measures the same.
+    `split=(val_fraction, seed)` evaluates on the validation questions that a training with `data.train=data`,
+    that `data.val_fraction` and that seed holds out (`split_train_val`): the same questions its evaluations
+    answer.
     """
     start = time.perf_counter()
     run = run_data_section(source)
@@ -85,7 +96,7 @@ def evaluate(
     generation = generation or GenerationConfig(max_new_tokens=32)
     data_path = resolve_data(data)
     task = resolve_task(task, fmt, data_path)
-    examples, inputs = _read(data_path, fmt, task, max_examples)
+    examples, inputs = _read(data_path, fmt, task, max_examples, split)
     _refuse_links(source, run is not None, out_dir)
     model, tokenizer = load_for_inference(source, device=device)
     style = make_prompt_format(prompt_format, template, tokenizer)
@@ -100,6 +111,7 @@ def evaluate(
         "data": data_path,
         "examples": len(examples),
         "inputs": len(inputs),
+        "split": list(split) if split else None,
         **losses,
         **scores,
         "prompt_format": style.name,
@@ -140,9 +152,13 @@ def _save(source: str | os.PathLike, is_run: bool, out_dir: str | os.PathLike | 
         write_model_card(source)
 
 
-def _read(data_path: str, fmt: str, task: str, max_examples: int | None) -> tuple[list[QAExample], list[QAExample]]:
+def _read(data_path: str, fmt: str, task: str, max_examples: int | None,
+          split: tuple[float, int] | None) -> tuple[list[QAExample], list[QAExample]]:
     report = DataReport()
-    examples, inputs = _inputs(load_examples(data_path, fmt=fmt, report=report), task, max_examples)
+    examples = load_examples(data_path, fmt=fmt, report=report)
+    if split is not None:
+        examples = split_train_val(examples, *split)[1]
+    examples, inputs = _inputs(examples, task, max_examples)
     if not examples:
         raise DataError(f"no examples to evaluate in {data_path} ({report.summary()})")
     return examples, inputs
@@ -152,16 +168,24 @@ def generation_metrics(model: torch.nn.Module, tokenizer, examples: list[QAExamp
                        task: str = "qa") -> dict[str, float]:
     """Generation quality during training (`train.eval_generate`): `em`/`f1` (QA) or the NLG metrics.
 
-    The keys are what `train.early_stop_metric` reads. Greedy decoding, on the model's own device, as the
-    quick in-training signal it is meant to be.
+    The keys are what `train.early_stop_metric` reads, and `generate_s`, the seconds this took (what selecting
+    on answers costs). Greedy decoding, on the model's own device, as the quick in-training signal it is meant
+    to be.
     """
     if not isinstance(model, Decoder):
         raise ConfigError("train.eval_generate needs backend=native (generation runs on qatune's Decoder)")
+    start = time.perf_counter()
     _, inputs = _inputs(examples, task, None)
-    config = GenerationConfig(max_new_tokens=64 if task == "nlg" else 32)
-    predictions = _generate(model, tokenizer, inputs, prompt_format, (), config, batch_size=16, progress=False)
+    predictions = _generate(model, tokenizer, inputs, prompt_format, (), validation_generation(task), batch_size=16,
+                            progress=False)
     _, scores = _score(task, inputs, predictions)
-    return {k: v for k, v in scores.items() if isinstance(v, float)}
+    return {k: v for k, v in scores.items() if isinstance(v, float)} | {"generate_s": time.perf_counter() - start}
+
+
+def validation_generation(task: str) -> GenerationConfig:
+    """How validation questions are answered, in training (`train.eval_generate`) and for the baselines a sweep
+    compares with it: greedy, 32 new tokens for QA, 64 for NLG."""
+    return GenerationConfig(max_new_tokens=64 if task == "nlg" else 32)
 
 
 def _inputs(examples: list[QAExample], task: str, max_examples: int | None

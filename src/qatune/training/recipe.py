@@ -436,7 +436,7 @@ def validation_metrics(r: Recipe, state: TrainState) -> dict[str, Any]:
 
 def _format_eval(record: dict[str, Any], metric: str) -> str:
     parts = [f"eval step {record['step']}"]
-    parts += [f"{k} {record[k]:.4f}" for k in ("val_loss", "val_ppl", "em", "f1", "bleu") if k in record]
+    parts += [f"{k} {record[k]:.4f}" for k in ("val_loss", "val_ppl", "em", "f1", "contains", "bleu") if k in record]
     if record.get("best"):
         parts.append(f"(best {metric})")
     return "  ".join(parts)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # What early stopping can watch: the validation loss, or a generation metric of `train.eval_generate`.
-EARLY_STOP_METRICS = ("val_loss", "em", "f1", "bleu")
+EARLY_STOP_METRICS = ("val_loss", "em", "f1", "contains", "bleu")
 _SESSION = {"persist": False}  # field metadata: this process only, not checkpointed
 
 
