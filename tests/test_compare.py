@@ -85,10 +85,12 @@ def test_sweep_resumes_after_sigkill_and_reports(qa_gpt2_dir, tmp_path):
         assert f"]({name})" in report and (out / name).stat().st_size > 1000
 
 
-def _config(method: str, rank: int | None, per_seed: list[np.ndarray], params: int, size: int) -> ReportRow:
+def _config(method: str, rank: int | None, per_seed: list[np.ndarray], params: int, size: int,
+            validation: float | None = None) -> ReportRow:
     rows = [{"item_scores": {"test": {"f1": list(scores)}}, "trainable_params": params, "trainable_percent":
              100 * params / 135e6, "result_bytes": size, "peak_memory_bytes": 2e9 if method == "full" else 1e9,
-             "wall_time_s": 100.0, "point": {}} for scores in per_seed]
+             "wall_time_s": 100.0, "point": {}, "validation": {} if validation is None else {"f1": validation}}
+            for scores in per_seed]
     return ReportRow(method, rank, rows, shots=3 if method == "k-shot" else 0)
 
 
@@ -100,13 +102,18 @@ def test_verdict_follows_the_paired_intervals():
     rng = np.random.default_rng(0)
     difficulty = rng.uniform(0, 100, 300)
     noisy = lambda shift: np.clip(difficulty + shift + rng.normal(0, 2, 300), 0, 100)
-    zero = _config("zero-shot", None, [np.clip(difficulty - 30, 0, 100)], 0, 0)
-    few = _config("k-shot", None, [np.clip(difficulty - 20, 0, 100)], 0, 0)
+    zero = _config("zero-shot", None, [np.clip(difficulty - 30, 0, 100)], 0, 0, validation=20.0)
+    few = _config("k-shot", None, [np.clip(difficulty - 20, 0, 100)], 0, 0, validation=30.0)
     full = _config("full", None, [noisy(0), noisy(0)], 135_000_000, 540_000_000)
     same = _config("lora", 8, [noisy(0), noisy(0)], 460_000, 1_800_000)
     text = _verdict(zero, few, full, same)
     assert "LoRA r=8 and full fine-tuning are indistinguishable" in text and "LoRA is worth it here" in text
-    assert "beat the 3-shot baseline" in text
+    assert f"beat the bar, 3-shot ({few.matrix('test', 'f1').mean():.1f} F1)" in text
+    assert f"({full.matrix('test', 'f1').mean() - few.matrix('test', 'f1').mean():+.1f} [" in text  # over the bar
+    # the bar is chosen on validation alone: the same test scores, zero-shot better on validation
+    zero_first = _config("zero-shot", None, [np.clip(difficulty - 30, 0, 100)], 0, 0, validation=35.0)
+    assert f"beat the bar, zero-shot ({zero_first.matrix('test', 'f1').mean():.1f} F1)" in _verdict(zero_first, few,
+                                                                                                   full, same)
     assert "0.34% of the parameters" in text and "1/300 of the disk" in text and "0.50x the peak memory" in text
 
     behind = _config("lora", 8, [noisy(-3), noisy(-3)], 460_000, 1_800_000)
@@ -156,7 +163,7 @@ def test_knows_follows_the_paired_contains_intervals():
 
     table = "\n".join(_test_table([zero, few, full, lora], "qa"))
     assert "| F1 [95% CI] | EM [95% CI] | contains [95% CI] | words per answer |" in table
-    zero_row = next(line for line in table.splitlines() if line.startswith("| zero-shot |"))
+    zero_row = next(line for line in table.splitlines() if line.startswith("| zero-shot (the bar) |"))
     assert f"| {said(knew).mean():.1f} [" in zero_row and "| 14.0 |" in zero_row
     assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
 

@@ -1,5 +1,7 @@
 """The report's plots: validation-loss curves, test quality with intervals against trainable parameters, the
-paired changes against the base model on every set, and the costs."""
+paired changes against the base model on every set, and the costs; and the recipe study's three (validation
+set, first seed): the validation metric against the learning rate of each variant, the validation loss against
+the step for each LoRA rank beside full fine-tuning, and the validation metric against trainable parameters."""
 
 from __future__ import annotations
 
@@ -7,17 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from qatune.compare.rows import MAIN_SCORE as _MAIN
-from qatune.compare.rows import ReportRow
+from qatune.compare.rows import ReportRow, base_row
 from qatune.compare.stats import mean_interval, paired_difference
+from qatune.compare.study import Variant, lr_text, rank_family, variants
 
 
-def draw_plots(slug: str, configs: list[ReportRow], results: dict[str, Any], out: Path) -> list[str]:
-    """Writes the PNGs into `out`; returns their file names."""
+def _pyplot():
     import matplotlib  # heavy: imported only when plots are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def draw_plots(slug: str, configs: list[ReportRow], results: dict[str, Any], out: Path) -> list[str]:
+    """Writes the PNGs into `out`; returns their file names."""
+    plt = _pyplot()
     names = [f"{slug}-val-loss.png", f"{slug}-quality-vs-params.png", f"{slug}-changes.png", f"{slug}-cost.png"]
     for name, draw in zip(names, (_val_loss, _quality, _changes, _cost)):
         fig = draw(plt, configs, results)
@@ -25,6 +33,61 @@ def draw_plots(slug: str, configs: list[ReportRow], results: dict[str, Any], out
         fig.savefig(out / name, dpi=120)
     plt.close("all")
     return names
+
+
+def draw_study_plots(slug: str, results: dict[str, Any], model: str, out: Path) -> list[str]:
+    """The recipe study's figures for one base model, into `out`; returns their file names."""
+    plt, metric = _pyplot(), results["select_metric"]
+    found = [v for v in variants(results, model) if v.best(metric)]
+    names = [f"{slug}-study-lr.png", f"{slug}-study-ranks.png", f"{slug}-study-params.png"]
+    for name, draw in zip(names, (_metric_vs_lr, _loss_by_rank, _metric_vs_params)):
+        fig = draw(plt, found, metric)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+    plt.close("all")
+    return names
+
+
+def _metric_vs_lr(plt, found: list[Variant], metric: str):
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, v in enumerate(v for v in found if len(v.points) > 1):
+        points = [p for p in v.points if p.get(metric) is not None]
+        ax.plot([p["point"]["train.lr"] for p in points], [p[metric] for p in points], marker="o",
+                color=f"C{i}", linestyle="--" if v.method == "full" else "-", label=v.label)
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (log)", ylabel=f"best validation {metric}",
+           title=f"Validation {metric} against learning rate")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _loss_by_rank(plt, found: list[Variant], metric: str):
+    """Each rank's run at its best learning rate, beside full fine-tuning's: loss after the same steps."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    shown = rank_family(found) + [v for v in found if v.method == "full"][:1]
+    for i, v in enumerate(shown):
+        curve = [(e["step"], e["val_loss"]) for e in v.best(metric).get("curve", []) if e.get("val_loss") is not None]
+        if curve:
+            ax.plot(*zip(*curve), marker="o", markersize=3, color=f"C{i}",
+                    linestyle="--" if v.method == "full" else "-", label=f"{v.label} (lr {lr_text(v.best(metric))})")
+    ax.set(xlabel="optimizer step (same examples per step for every run)", ylabel="validation loss",
+           title="Validation loss by LoRA rank and full fine-tuning")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _metric_vs_params(plt, found: list[Variant], metric: str):
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, v in enumerate(found):
+        best = v.best(metric)
+        if best.get("trainable_params"):
+            ax.scatter(best["trainable_params"], best[metric], color=f"C{i % 10}",
+                       marker="s" if v.method == "full" else "o", label=v.label)
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters (log)", ylabel=f"best validation {metric}",
+           title=f"Validation {metric} against trainable parameters (each at its best lr)")
+    ax.legend(fontsize=7)
+    return fig
 
 
 def _val_loss(plt, configs: list[ReportRow], results: dict[str, Any]):
@@ -63,7 +126,7 @@ def _quality(plt, configs: list[ReportRow], results: dict[str, Any]):
 
 def _changes(plt, configs: list[ReportRow], results: dict[str, Any]):
     """Each trained configuration minus the base model, per set and score, with paired intervals."""
-    base = next((c for c in configs if c.method == "zero-shot"), None)
+    base = base_row(configs, results["task"])
     sets = _change_scores(base, [("test", results["task"])] + [(s["name"], s["task"])
                                                                for s in results.get("extra_eval", [])])
     trained = [c for c in configs if c.trained]

@@ -12,9 +12,19 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from qatune.compare.plots import draw_plots
-from qatune.compare.rows import MAIN_SCORE, SECOND_SCORE, ReportRow, group
+from qatune.compare.plots import draw_plots, draw_study_plots
+from qatune.compare.rows import (
+    MAIN_SCORE,
+    SECOND_SCORE,
+    ReportRow,
+    bar_row,
+    base_row,
+    group,
+    params_text,
+    validation_score,
+)
 from qatune.compare.stats import Interval, mean_interval, paired_difference
+from qatune.compare.study import study_lines
 from qatune.compare.sweep import model_label
 from qatune.utils.io import atomic_write_text
 
@@ -29,12 +39,17 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     task = results["task"]
     for model, configs in group(results).items():
         plots = draw_plots(model_label(model), configs, results, out)
-        lines += [f"## {model}", "", "### Learning: the test set", "", *_test_table(configs, task), ""]
+        lines += [f"## {model}", "", "### Learning: the test set", "", *_bar_lines(configs, task),
+                  *_test_table(configs, task), ""]
         for spec in results.get("extra_eval", []):
-            lines += [f"### {_axis(spec)}: {spec['name']}", "", *_extra_table(configs, spec), ""]
+            lines += [f"### {_axis(spec)}: {spec['name']}", "", *_extra_table(configs, spec, task), ""]
         lines += ["### Cost", "", *_cost_table(configs), "", "### Training setup and selection", "",
-                  *_setup_table(configs), "", *_selection_lines(results, model), "",
-                  "### Verdict", "", *verdict(configs, results), "", *[f"![{p}]({p})" for p in plots], ""]
+                  *_setup_table(configs), "", *_selection_lines(results, model), ""]
+        study = study_lines(results, model)
+        if study:
+            figures = draw_study_plots(model_label(model), results, model, out)
+            lines += ["### Recipe study (validation set)", "", *study, "", *[f"![{p}]({p})" for p in figures], ""]
+        lines += ["### Verdict", "", *verdict(configs, results), "", *[f"![{p}]({p})" for p in plots], ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
@@ -45,10 +60,6 @@ def _axis(spec: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- tables
-
-
-def _baseline(configs: list[ReportRow]) -> ReportRow | None:
-    return next((c for c in configs if c.method == "zero-shot"), None)
 
 
 def _full(configs: list[ReportRow]) -> ReportRow | None:
@@ -77,20 +88,29 @@ def _cell(interval: Interval | None, signed: bool = False) -> str:
     return interval.format(signed=signed) if interval is not None else "-"
 
 
+def _bar_lines(configs: list[ReportRow], task: str) -> list[str]:
+    bar, (key, name) = bar_row(configs, task), MAIN_SCORE[task]
+    if bar is None or validation_score(bar, key) is None:
+        return []
+    return [f"The bar is **{bar.label}**, the baseline with the best validation {name} "
+            f"({validation_score(bar, key):.1f}); every baseline was asked the validation questions in each "
+            "prompt format, and the test set scored them all.", ""]
+
+
 def _test_table(configs: list[ReportRow], task: str) -> list[str]:
     (key, name), (key2, name2) = MAIN_SCORE[task], SECOND_SCORE[task]
-    base, full = _baseline(configs), _full(configs)
-    few = next((c for c in configs if c.method == "k-shot"), None)
+    bar, full = bar_row(configs, task), _full(configs)
     knows_head, knows_rule = _knows_columns(task)
-    lines = [f"| method | seeds | {name} [95% CI] | {name2} [95% CI] | {knows_head}Δ{name} vs zero-shot | "
-             f"Δ{name} vs {few.label if few else 'k-shot'} | Δ{name} vs full | test loss | empty answers |",
-             f"|---|---|---|---|{knows_rule}---|---|---|---|---|"]
+    lines = [f"| method | seeds | validation {name} | {name} [95% CI] | {name2} [95% CI] | {knows_head}"
+             f"Δ{name} vs the bar | Δ{name} vs full | test loss | empty answers |",
+             f"|---|---|---|---|---|{knows_rule}---|---|---|---|"]
     for c in configs:
         empty = statistics.fmean(r["empty_predictions"] for r in c.rows)
-        lines.append(f"| {c.label} | {len(c.rows)} | {_cell(_mean(c, 'test', key))} | "
-                     f"{_cell(_mean(c, 'test', key2))} | {_knows_cells(c, 'test', task)}"
-                     f"{_cell(_diff(c, base, 'test', key), True) if c is not base else '-'} | "
-                     f"{_cell(_diff(c, few, 'test', key), True) if c.trained else '-'} | "
+        label = f"{c.label} (the bar)" if c is bar else c.label
+        lines.append(f"| {label} | {len(c.rows)} | {_num(validation_score(c, key), '.1f')} | "
+                     f"{_cell(_mean(c, 'test', key))} | {_cell(_mean(c, 'test', key2))} | "
+                     f"{_knows_cells(c, 'test', task)}"
+                     f"{_cell(_diff(c, bar, 'test', key), True) if c is not bar else '-'} | "
                      f"{_cell(_diff(c, full, 'test', key), True) if c.method == 'lora' else '-'} | "
                      f"{_loss(c)} | {empty:.0f} / {c.rows[0]['eval']['inputs']} |")
     return lines
@@ -117,9 +137,9 @@ def _loss(c: ReportRow) -> str:
     return f"{statistics.fmean(losses):.3f}" if losses else "-"
 
 
-def _extra_table(configs: list[ReportRow], spec: dict[str, Any]) -> list[str]:
+def _extra_table(configs: list[ReportRow], spec: dict[str, Any], task: str) -> list[str]:
     (key, name), (key2, name2) = MAIN_SCORE[spec["task"]], SECOND_SCORE[spec["task"]]
-    dataset, base, full = spec["name"], _baseline(configs), _full(configs)
+    dataset, base, full = spec["name"], base_row(configs, task), _full(configs)
     knows_head, knows_rule = _knows_columns(spec["task"])
     lines = [f"| method | {name} [95% CI] | {name2} [95% CI] | {knows_head}Δ{name} vs base model | Δ{name} vs full |",
              f"|---|---|---|{knows_rule}---|---|"]
@@ -135,7 +155,7 @@ def _cost_table(configs: list[ReportRow]) -> list[str]:
     lines = ["| method | trainable params | % | result size | peak memory | train time | tokens/s | best val loss |",
              "|---|---|---|---|---|---|---|---|"]
     for c in (c for c in configs if c.trained):
-        lines.append(f"| {c.label} | {_params(c.mean('trainable_params'))} | {c.mean('trainable_percent'):.3g} | "
+        lines.append(f"| {c.label} | {params_text(c.mean('trainable_params'))} | {c.mean('trainable_percent'):.3g} | "
                      f"{_bytes(c.mean('result_bytes'))} | {_bytes(c.mean('peak_memory_bytes'))} | "
                      f"{c.mean('wall_time_s') / 60:.1f} min | {c.mean('tokens_per_s'):,.0f} | "
                      f"{_num(c.mean('best_val_loss'), '.3f')} |")
@@ -163,20 +183,36 @@ def _selection_lines(results: dict[str, Any], model: str) -> list[str]:
     if not tried:
         return ["No hyper-parameter grid: each method ran at the configuration above."]
     metric = results["select_metric"]
+    shown = list(dict.fromkeys(("val_loss", metric)))
+    head = " | ".join(f"validation {m}" for m in shown)
     lines = [f"Hyper-parameters were picked on the validation set only (best {metric}, first seed); the test set "
-             "scored the picks alone.", "", f"| run | point | validation {metric} | picked |", "|---|---|---|---|"]
+             "scored the picks alone.", "", f"| run | point | {head} | picked |",
+             "|---|---|" + "---|" * len(shown) + "---|"]
     for r in tried:
-        point = ", ".join(f"{k}={v}" for k, v in r["point"].items())
-        lines.append(f"| {r['name']} | {point} | {_num(r[metric], '.4f')} | {'yes' if r['picked'] else ''} |")
-    return lines
+        point = ", ".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in r["point"].items())
+        values = " | ".join(_num(r.get(m), ".4f") for m in shown)
+        lines.append(f"| {r['name']} | {point} | {values} | {'yes' if r['picked'] else ''} |")
+    return lines + _disagreement(tried, metric)
+
+
+def _disagreement(tried: list[dict[str, Any]], metric: str) -> list[str]:
+    """Where the validation loss would have picked another point of a configuration than `metric` did."""
+    if metric == "val_loss":
+        return []
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in tried):
+        rows = [r for r in tried if r["method"] == method and r.get("val_loss") is not None]
+        picked = next((r for r in rows if r["picked"]), None)
+        by_loss = min(rows, key=lambda r: r["val_loss"], default=None)
+        if picked is not None and by_loss is not None and by_loss is not picked:
+            lines.append(f"- {method}: the lowest validation loss ({by_loss['val_loss']:.4f}) is `{by_loss['name']}`, "
+                         f"whose validation {metric} is {_num(by_loss.get(metric), '.2f')}; the pick has "
+                         f"{_num(picked.get(metric), '.2f')}.")
+    return ["", "Where the validation loss and the answers disagree:", "", *lines] if lines else []
 
 
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
-
-
-def _params(n: float | None) -> str:
-    return "-" if n is None else (f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K")
 
 
 def _bytes(n: float | None) -> str:
@@ -206,7 +242,8 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"- Hardware: {hardware}. Software: qatune {versions['qatune']}, torch {versions['torch']}, transformers "
         f"{versions['transformers']}, Python {versions['python']}.",
         f"- Training data: `{_short(data.get('train'))}`; validation: {_short(validation)}. Prompt format: "
-        f"{data.get('prompt_format', 'auto')} (baselines in the model's own format).",
+        f"{data.get('prompt_format', 'auto')} (where the grid does not set it); each baseline is asked in "
+        "every format the model has, and the one with the best validation score is the bar.",
         f"- Test data: `{_short(ev['data'])}`" + (f", first {ev['max_examples']}" if ev.get("max_examples") else "")
         + f" ({results['task']}). Further sets: {extras or 'none'}.",
         f"- Decoding: {', '.join(f'{k}={v}' for k, v in gen.items()) or 'greedy'}. Seeds: "
@@ -226,9 +263,12 @@ def _budget_line(results: dict[str, Any]) -> list[str]:
     budget, first = results.get("training"), len(results.get("selection", []))
     if not budget:
         return []
+    answering = (f", of which {budget['generate_s'] / 60:.1f} min answering the validation questions that "
+                 f"selection reads" if budget.get("generate_s") else "")
     return [f"- Budget: {budget['runs']} training run(s) ({first} with the first seed: every configuration and grid "
             f"point; {budget['runs'] - first} with the other seeds of the picked configurations), "
-            f"{budget['wall_time_s'] / 60:.1f} min of training in all; the rest of the wall time is evaluation."]
+            f"{budget['wall_time_s'] / 60:.1f} min of training in all{answering}; the rest of the wall time is "
+            "evaluation."]
 
 
 def _short(path: Any) -> str:
@@ -242,10 +282,10 @@ def _short(path: Any) -> str:
 
 def verdict(configs: list[ReportRow], results: dict[str, Any]) -> list[str]:
     """One sentence per axis, then the conclusion, each computed from the paired intervals."""
-    full, lora, base = _full(configs), _lora(configs), _baseline(configs)
-    few = next((c for c in configs if c.method == "k-shot"), None)
+    full, lora = _full(configs), _lora(configs)
+    bar, base = bar_row(configs, results["task"]), base_row(configs, results["task"])
     key, name = MAIN_SCORE[results["task"]]
-    learns = _learns_sentence(full, lora, base, few, key, name)
+    learns = _learns_sentence(full, lora, bar, key, name)
     lines = [f"- **Learns.** {learns}"]
     knows = _knows_sentence(configs, full, lora) if results["task"] == "qa" else None
     if knows is not None:
@@ -255,7 +295,7 @@ def verdict(configs: list[ReportRow], results: dict[str, Any]) -> list[str]:
                      + _versus_base_sentence(full, lora, base, spec))
     if full is not None and lora is not None:
         lines.append(f"- **Costs.** {_costs(lora, full)}")
-    lines.append(f"\n**Conclusion:** {_conclusion(full, lora, base, few, key, name)}")
+    lines.append(f"\n**Conclusion:** {_conclusion(full, lora, bar, key, name)}")
     return lines
 
 
@@ -268,21 +308,22 @@ def _compare_words(interval: Interval, name: str, a: str, b: str) -> str:
     return f"{a} {'leads' if lead else 'trails'} {b} by {abs(interval.estimate):.1f} {name} [{low:.1f}, {high:.1f}]"
 
 
-def _learns_sentence(full, lora, base, few, key, name) -> str:
+def _learns_sentence(full, lora, bar, key, name) -> str:
     parts = []
     for c in (x for x in (full, lora) if x is not None):
-        gain = _diff(c, base, "test", key)
+        gain = _diff(c, bar, "test", key)
         parts.append(f"{c.label} scores {_cell(mean_interval(c.matrix('test', key)))} {name}"
-                     + (f" ({gain.format(signed=True)} over zero-shot)" if gain else ""))
+                     + (f" ({gain.format(signed=True)} over the bar)" if gain else ""))
     text = "; ".join(parts) + "."
     if full is not None and lora is not None:
         text += " " + _compare_words(_diff(lora, full, "test", key), name, lora.label, "full fine-tuning") + "."
-    if few is not None:
-        beaten = [c.label for c in (full, lora) if c is not None and _diff(c, few, "test", key).low > 0]
-        text += (f" {' and '.join(beaten)} beat{'s' if len(beaten) == 1 else ''} the {few.label} baseline "
-                 f"({few.matrix('test', key).mean():.1f} {name})." if beaten else
-                 f" Neither fine-tuned model beats the {few.label} baseline "
-                 f"({few.matrix('test', key).mean():.1f} {name}) beyond the noise.")
+    if bar is not None:
+        tuned = [c for c in (full, lora) if c is not None]
+        beaten = [c.label for c in tuned if _diff(c, bar, "test", key).low > 0]
+        which = "Neither fine-tuned model beats" if len(tuned) > 1 else "The fine-tuned model does not beat"
+        text += (f" {' and '.join(beaten)} beat{'s' if len(beaten) == 1 else ''} the bar, {bar.label} "
+                 f"({bar.matrix('test', key).mean():.1f} {name})." if beaten else
+                 f" {which} the bar, {bar.label} ({bar.matrix('test', key).mean():.1f} {name}), beyond the noise.")
     return text
 
 
@@ -330,13 +371,12 @@ def _costs(lora: ReportRow, full: ReportRow) -> str:
             f"memory and {ratio('wall_time_s'):.2f}x the training time of full fine-tuning.")
 
 
-def _conclusion(full, lora, base, few, key, name) -> str:
+def _conclusion(full, lora, bar, key, name) -> str:
     if full is None or lora is None:
         return "this sweep has no full-versus-LoRA pair to decide on."
-    reference = few or base
-    if reference is not None and all(_diff(c, reference, "test", key).low <= 0 for c in (full, lora)):
-        return (f"fine-tuning is not worth it on this data and budget: neither method beats the {reference.label} "
-                f"baseline beyond the noise.")
+    if bar is not None and all(_diff(c, bar, "test", key).low <= 0 for c in (full, lora)):
+        return (f"fine-tuning is not worth it on this data and budget: neither method beats the bar ({bar.label}) "
+                f"beyond the noise.")
     gap = _diff(lora, full, "test", key)
     if not gap.excludes_zero or gap.estimate > 0:
         return (f"LoRA is worth it here: {lora.label} learns as much as full fine-tuning within the measured "

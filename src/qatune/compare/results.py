@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from qatune.compare.sweep import Point, Run, Sweep, point_dict
+from qatune.compare.sweep import VALIDATION, Point, Run, Sweep, point_dict
 from qatune.evaluation.measure import resolve_task
 from qatune.runs.layout import EvalDir, RunDir
 from qatune.utils.env import machine_info
@@ -49,9 +49,13 @@ def collect_results(sweep: Sweep, out: Path, picks: dict[tuple[str, str, int | N
 
 
 def _training_budget(out: Path, trained: list[Run]) -> dict[str, Any]:
-    """How many trainings the sweep ran (grid points and seeds) and their summed training time."""
-    summaries = [json.loads(RunDir(out / "runs" / run.name).summary.read_text()) for run in trained]
-    return {"runs": len(trained), "wall_time_s": sum(s.get("wall_time_s") or 0.0 for s in summaries)}
+    """How many trainings the sweep ran (grid points and seeds), their summed training time, and the part of
+    it spent answering validation questions (selecting on answers costs that)."""
+    dirs = [RunDir(out / "runs" / run.name) for run in trained]
+    summaries = [json.loads(d.summary.read_text()) for d in dirs]
+    generate = sum(json.loads(line).get("generate_s") or 0.0 for d in dirs for line in _lines(d.metrics))
+    return {"runs": len(trained), "wall_time_s": sum(s.get("wall_time_s") or 0.0 for s in summaries),
+            "generate_s": generate}
 
 
 def _evaluated_row(sweep: Sweep, out: Path, run: Run, task: str) -> dict[str, Any]:
@@ -64,6 +68,7 @@ def _evaluated_row(sweep: Sweep, out: Path, run: Run, task: str) -> dict[str, An
         "item_scores": {"test": _item_scores(run_dir.eval, task)}, "extra": {},
     }
     row["empty_predictions"] = sum(not p["prediction"] for p in _predictions(run_dir.eval))
+    row["validation"] = _validation(sweep, run, run_dir)
     for spec in sweep.extra_eval if run.method != "k-shot" else []:
         where = run_dir.eval_named(spec.name)
         extra = json.loads(where.metrics.read_text())
@@ -72,6 +77,19 @@ def _evaluated_row(sweep: Sweep, out: Path, run: Run, task: str) -> dict[str, An
     if run.trained:
         row.update(_training_facts(run_dir, run))
     return row
+
+
+def _validation(sweep: Sweep, run: Run, run_dir: RunDir) -> dict[str, Any]:
+    """The validation scores a row is compared on before any test score is read: a training's best of its
+    evaluations (what picked it), a baseline's answers to the same validation questions (what makes it the bar)."""
+    if run.trained:
+        return {metric: selection_value(run_dir.path, metric) for metric in dict.fromkeys((sweep.select_metric,
+                                                                                           "val_loss"))}
+    where = run_dir.eval_named(VALIDATION)
+    if not where.metrics.is_file():
+        return {}
+    found = json.loads(where.metrics.read_text())
+    return {k: v for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _training_facts(run_dir: RunDir, run: Run) -> dict[str, Any]:

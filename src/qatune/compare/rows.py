@@ -14,6 +14,11 @@ MAIN_SCORE = {"qa": ("f1", "F1"), "nlg": ("bleu", "sentence BLEU"), "mc": ("acc_
 SECOND_SCORE = {"qa": ("em", "EM"), "nlg": ("rouge_l", "ROUGE-L"), "mc": ("acc", "acc")}
 
 
+def params_text(n: float | None) -> str:
+    """A parameter count as the report writes it: 134.5M, 461K."""
+    return "-" if n is None else (f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K")
+
+
 @dataclass
 class ReportRow:
     """One row of the report: a baseline, or a (method, rank) configuration's runs over seeds."""
@@ -46,6 +51,31 @@ class ReportRow:
     def mean(self, field_name: str) -> float | None:
         values = [row.get(field_name) for row in self.rows if row.get(field_name) is not None]
         return statistics.fmean(values) if values else None
+
+
+def bar_row(configs: list[ReportRow], task: str) -> ReportRow | None:
+    """The baseline a fine-tune must clear: the untrained row (zero- or k-shot, in any prompt format) with the
+    best validation score, chosen before any test score is read; zero-shot where no baseline was scored on
+    validation (a sweep from before baselines were)."""
+    key = MAIN_SCORE[task][0]
+    scored = [c for c in configs if not c.trained and validation_score(c, key) is not None]
+    if scored:
+        return max(scored, key=lambda c: validation_score(c, key))
+    return next((c for c in configs if c.method == "zero-shot"), None)
+
+
+def base_row(configs: list[ReportRow], task: str) -> ReportRow | None:
+    """The base model for generalisation and forgetting: zero-shot, in the bar's prompt format where it has one."""
+    bar = bar_row(configs, task)
+    zero = [c for c in configs if c.method == "zero-shot"]
+    same = [c for c in zero if bar is not None and c.prompt_format == bar.prompt_format]
+    return (same or zero or [None])[0]
+
+
+def validation_score(c: ReportRow, key: str) -> float | None:
+    """The mean over seeds of a row's validation score `key` (None where it was not measured)."""
+    found = [row.get("validation", {}).get(key) for row in c.rows]
+    return statistics.fmean(found) if found and None not in found else None
 
 
 def group(results: dict[str, Any]) -> dict[str, list[ReportRow]]:
