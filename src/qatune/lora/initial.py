@@ -92,9 +92,11 @@ def restore_initial(layers: dict[str, LoRALinear], saved: dict[str, Tensor], whe
                          f"unexpected {unexpected[:4]}")
     notes = []
     for name, layer in layers.items():
+        lora_a = next(iter(layer.lora_A.values()))  # where and in which dtype the layer's pairs are now
         for part_name, (a_now, b_now) in list(layer.initial.items()):
-            a0 = saved[f"{name}.{INITIAL_A}.{part_name}"].to(a_now)
-            b0 = saved[f"{name}.{INITIAL_B}.{part_name}"].to(b_now)
+            a_now, b_now = a_now.to(lora_a), b_now.to(lora_a)
+            a0 = saved[f"{name}.{INITIAL_A}.{part_name}"].to(lora_a)
+            b0 = saved[f"{name}.{INITIAL_B}.{part_name}"].to(lora_a)
             if a0.shape != a_now.shape or b0.shape != b_now.shape:
                 raise ModelError(f"checkpoint {where}: {name}.{INITIAL_A}.{part_name} has shape {tuple(a0.shape)}, "
                                  f"the model needs {tuple(a_now.shape)}")
