@@ -184,14 +184,17 @@ def _trained_qatune_model(run: Path, base: Path, config: LoRAConfig) -> torch.nn
     return model.eval()
 
 
-@pytest.mark.parametrize("family, init, rslora", [("gpt2", "pissa", False), ("llama", "pissa", True),
-                                                  ("llama", "olora", False)])
-def test_a_pissa_run_saves_an_adapter_for_the_original_base(family, init, rslora, qa_gpt2_dir, qa_llama_dir,
-                                                            tmp_path):
+@pytest.mark.parametrize("family, init, rslora, targets", [
+    ("gpt2", "pissa", False, ["c_attn"]),
+    ("gpt2", "olora", True, ["q", "v"]),  # slices: exported as one c_attn pair of rank 2 x 2r
+    ("llama", "pissa", True, ["q", "v", "down"]),
+    ("llama", "olora", False, ["q", "v", "down"]),
+])
+def test_a_pissa_run_saves_an_adapter_for_the_original_base(family, init, rslora, targets, qa_gpt2_dir,
+                                                            qa_llama_dir, tmp_path):
     """peft applies the saved adapter (plain LoRA, rank 2r) to the UNTOUCHED base and computes qatune's trained
     logits; `qatune merge` gives the same function as a standalone model."""
     base = qa_gpt2_dir if family == "gpt2" else qa_llama_dir
-    targets = ["c_attn"] if family == "gpt2" else ["q", "v", "down"]
     run = tmp_path / "run"
     _train(base, run, "train.max_steps=4", f"lora.init={init}", f"lora.use_rslora={str(rslora).lower()}",
            f"lora.targets=[{','.join(targets)}]")
@@ -200,8 +203,10 @@ def test_a_pissa_run_saves_an_adapter_for_the_original_base(family, init, rslora
     ids = _ids(ours.config.vocab_size)
 
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert adapter_config["r"] == 8 and adapter_config["init_lora_weights"] is True
-    assert adapter_config["lora_alpha"] == pytest.approx(8 * (2 ** 0.5 if rslora else 2))
+    slices = 2 if targets == ["q", "v"] else 1  # GPT-2's q and v slices: one c_attn pair of n x (2r)
+    assert adapter_config["r"] == 8 * slices and adapter_config["init_lora_weights"] is True
+    growth = 2 * slices  # the rank's: the scaling alpha/r (alpha/sqrt(r) with rslora) must not change
+    assert adapter_config["lora_alpha"] == pytest.approx(8 * (growth ** 0.5 if rslora else growth))
     reference = peft.PeftModel.from_pretrained(_hf(base), run / "adapter").eval()
     with torch.no_grad():
         logits = ours(ids)
