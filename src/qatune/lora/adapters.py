@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from qatune.errors import ConfigError, ModelError
+from qatune.lora.initial import plain_pair
 from qatune.lora.inject import inject_lora, lora_layers, merged_state_dict
 from qatune.lora.layer import WHOLE, LoRAConfig, LoRALinear, LoRAPart
 from qatune.lora.targets import family_linears
@@ -93,25 +94,23 @@ def _peft_pairs(to_hf: dict[tuple[str, str | None], str], name: str, layer: LoRA
     """One native LoRA layer -> {HF module path: (A, B, r, alpha)} as peft would hold it. `to_hf` maps
     (native module, qkv part or None) to the HF module path."""
     direct = {p: to_hf.get((name, None if p == WHOLE else p)) for p in layer.parts}
+    plain = {p: plain_pair(layer, p) for p in layer.parts}  # PiSSA / OLoRA: rank 2r, relative to the original base
     if all(direct.values()):  # a whole layer, or a Llama q/k/v slice (= q_proj/k_proj/v_proj)
-        return {
-            direct[p]: (layer.lora_A[p].detach(), layer.lora_B[p].detach(), part.r, part.alpha)
-            for p, part in layer.parts.items()
-        }
+        return {direct[p]: plain[p] for p in layer.parts}
     # GPT-2 q/k/v slices of the fused c_attn: peft has no module per slice, so the n slice pairs
     # (A_i [r, in], B_i [rows_i, r]) are exported EXACTLY as one c_attn pair of rank n*r:
     #   A = [A_1; ...; A_n] stacked on the rank axis,   B = zeros [out, n*r] with B_i at (rows_i, columns i*r:(i+1)*r),
     # so B @ A = sum_i (B_i @ A_i placed in rows_i): the same update. Only the scaling must survive the rank growing
     # from r to n*r: alpha/r = alpha'/(n*r) gives alpha' = n*alpha; with rslora alpha/sqrt(r) = alpha'/sqrt(n*r)
     # gives alpha' = sqrt(n)*alpha. peft then computes exactly the function qatune computes.
-    parts = list(layer.parts.values())
-    if len({(p.r, p.alpha) for p in parts}) > 1:
+    if len({(r, alpha) for _, _, r, alpha in plain.values()}) > 1:
         raise ModelError(f"{name}: q/k/v slices with different ranks or alphas cannot be exported to peft")
-    r, alpha, n = parts[0].r, parts[0].alpha, len(parts)
-    a_fused = torch.cat([layer.lora_A[p].detach() for p in layer.parts])
+    _, _, r, alpha = next(iter(plain.values()))
+    n = len(plain)
+    a_fused = torch.cat([a for a, _, _, _ in plain.values()])
     b_fused = a_fused.new_zeros(layer.base.out_features, n * r)
     for i, (p, part) in enumerate(layer.parts.items()):
-        b_fused[part.rows, i * r:(i + 1) * r] = layer.lora_B[p].detach()
+        b_fused[part.rows, i * r:(i + 1) * r] = plain[p][1]
     alpha_fused = alpha * (n ** 0.5 if layer.use_rslora else n)
     return {to_hf[(name, None)]: (a_fused, b_fused, n * r, alpha_fused)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from qatune.errors import ConfigError, ModelError
+from qatune.lora.initial import init_lora_layers
 from qatune.lora.layer import LoRAConfig, LoRALinear, LoRAPart
 from qatune.lora.targets import lora_layout
 from qatune.models.config import ModelConfig
@@ -46,6 +47,7 @@ def inject_lora(model: nn.Module, layout: dict[str, dict[str, LoRAPart]], config
         setattr(model.get_submodule(parent), attr, wrapped)
     model.lora_config = config
     _mark_trainable(model, config.bias)
+    init_lora_layers(lora_layers(model), config.init)  # PiSSA / OLoRA: from the base weights, leaving the residual
     return list(layout)
 
 

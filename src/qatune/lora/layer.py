@@ -18,6 +18,7 @@ from qatune.models.fast_ops import make_dropout
 from qatune.utils.settings import check_fields, setting
 
 BIAS_MODES = ("none", "all", "lora_only")
+LORA_INITS = ("default", "pissa", "olora")  # how A and B start (lora/initial.py: the two that decompose W)
 WHOLE = "all"  # part name of a pair that covers every output row of its layer
 
 
@@ -35,6 +36,9 @@ class LoRAConfig:
                                         "family's")
     use_rslora: bool = False
     bias: str = setting("none", choices=BIAS_MODES)
+    init: str = setting("default", choices=LORA_INITS,
+                        help="default: Kaiming A, zero B; pissa / olora: A, B from the SVD / QR of each base weight, "
+                        "which keeps the residual (the result is saved as a plain LoRA of rank 2r, as peft converts)")
 
     def __post_init__(self) -> None:
         check_fields(self, "lora.")  # the declared types and ranges, also when built in code (adapters.py)
@@ -67,6 +71,8 @@ class LoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.dropout = make_dropout(dropout, fast_dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # PiSSA/OLoRA's starting (A0, B0) per part: the base holds W - scaling * B0 @ A0 (lora/initial.py)
+        self.initial: dict[str, tuple[Tensor, Tensor]] = {}
         weight = base.weight
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         self.lora_A = nn.ParameterDict()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import random
 import re
@@ -40,6 +41,8 @@ from torch import nn
 
 from qatune.data.readers import DATA_ALIASES, resolve_data
 from qatune.errors import ModelError
+from qatune.lora.initial import initial_state, is_initial_key, restore_initial
+from qatune.lora.inject import lora_layers
 from qatune.training.statefile import load_state, save_state
 from qatune.utils.faults import fault_point
 from qatune.utils.io import fsync_dir, fsync_tree, scratch_beside, sha256_file, swap_dir_in
@@ -47,11 +50,14 @@ from qatune.utils.io import fsync_dir, fsync_tree, scratch_beside, sha256_file, 
 FORMAT = 2  # 1: state.pt (a pickle), no manifest -- no longer read
 WEIGHTS, STATE_TENSORS, STATE_JSON, MANIFEST = "weights.safetensors", "state.safetensors", "state.json", "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
+logger = logging.getLogger(__name__)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (tied ones once), detached on CPU."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The parameters that train (tied ones once), detached on CPU; with PiSSA/OLoRA also the LoRA pairs' starting
+    values (`lora.initial`), which the result is converted against and a resume trains on."""
+    state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return state | initial_state(lora_layers(model))
 
 
 def rng_state() -> dict[str, Any]:
@@ -309,6 +315,8 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_trainable(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    initial = {k: v for k, v in weights.items() if is_initial_key(k)}
+    weights = {k: v for k, v in weights.items() if k not in initial}
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
@@ -319,6 +327,8 @@ def load_trainable(model: nn.Module, weights: dict[str, torch.Tensor], where: st
                   if weights[n].shape != p.shape]
     if mismatched:
         raise ModelError(f"checkpoint {where} does not fit this model: shapes differ ({', '.join(mismatched[:3])})")
+    for note in restore_initial(lora_layers(model), initial, where):  # PiSSA/OLoRA: the run's residual base
+        logger.warning(note)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n])

@@ -68,6 +68,8 @@ class TrainSection:
     grad_accum: int = S(1, ge=1)
     lr: float | None = S(None, gt=0, resumable=True, help="default by method (LoRA 5e-4, full 5e-5)")
     weight_decay: float = S(0.01, ge=0, help="applied to matrices only, never to biases, norms or LoRA's B init")
+    loraplus_ratio: float | None = S(None, gt=0, help="LoRA+: LoRA B (and trained biases) learn at ratio x lr, as "
+                                     "peft's create_loraplus_optimizer (its paper suggests 16)")
     warmup_steps: int = S(0, ge=0, resumable=True)
     schedule: str = S("cosine", choices=SCHEDULES, resumable=True,
                       help="after warm-up, decays to min_lr_ratio * lr")
@@ -143,6 +145,11 @@ class RunConfig:
         if t.fsdp and (self.method != "full" or self.backend != "native"):
             raise ConfigError("train.fsdp=true is for method=full with backend=native (LoRA's base is frozen: "
                               "use DDP)")
+        if t.loraplus_ratio is not None and self.method != "lora":
+            raise ConfigError("train.loraplus_ratio is for method=lora (it sets LoRA B's learning rate)")
+        if self.method == "lora" and self.lora.init != "default" and self.backend != "native":
+            raise ConfigError(f"lora.init={self.lora.init} needs backend=native (backend=hf would need peft's "
+                              "initial-adapter conversion, which qatune does not run)")
         if self.data.train is None:
             raise ConfigError("data.train is required (a file, `hf:NAME`, or `sample` for the built-in QA facts)")
 

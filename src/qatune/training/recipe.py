@@ -63,7 +63,7 @@ from qatune.training.build import (
 )
 from qatune.training.config import RunConfig, save_config
 from qatune.training.loggers import MetricsLog
-from qatune.training.optim import autocast_factory, lr_factor, make_optimizer
+from qatune.training.optim import autocast_factory, base_lrs, lr_factor, make_optimizer
 from qatune.training.parallel import Dist, Parallel, init_distributed
 from qatune.training.result import dir_size, peak_memory, save_result, write_summary
 from qatune.training.resume_check import check_resume_config, check_target
@@ -168,7 +168,8 @@ def setup(cfg: RunConfig) -> tuple[Recipe, TrainState]:
     model.train()
     par = Parallel(d, fsdp=t.fsdp)
     par.shard(model)
-    optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, device=device)
+    optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, device=device,
+                               loraplus_ratio=t.loraplus_ratio)
     loss_module: nn.Module = LossModule(model, t.label_smoothing)
     loss_module = par.wrap(torch.compile(loss_module) if t.compile else loss_module, device)
     plan = _step_plan(cfg, data, d)
@@ -267,9 +268,10 @@ def resume(r: Recipe) -> tuple[TrainState, int]:
 
 def _apply_schedule(r: Recipe) -> None:
     """The restored scheduler keeps its position; its base rate is the config's train.lr, which a resume may
-    change. With an unchanged config this recomputes exactly the rates that were saved."""
+    change (each group's own share of it: LoRA+). With an unchanged config this recomputes exactly the rates that
+    were saved."""
     s = r.scheduler
-    s.base_lrs = [r.cfg.train.lr for _ in r.optimizer.param_groups]
+    s.base_lrs = base_lrs(r.optimizer, r.cfg.train.lr)
     for group, base, factor in zip(r.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
         group["initial_lr"] = base
         group["lr"] = base * factor(s.last_epoch)
