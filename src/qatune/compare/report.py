@@ -25,7 +25,7 @@ from qatune.compare.rows import (
 )
 from qatune.compare.stats import Interval, mean_interval, paired_difference
 from qatune.compare.study import study_lines
-from qatune.compare.sweep import model_label
+from qatune.compare.sweep import model_label, trains_lora
 from qatune.utils.io import atomic_write_text
 
 # QA's per-item "the gold answer appears in the output" (evaluation.metrics.contains_answer), shown beside F1/EM:
@@ -111,7 +111,7 @@ def _test_table(configs: list[ReportRow], task: str) -> list[str]:
                      f"{_cell(_mean(c, 'test', key))} | {_cell(_mean(c, 'test', key2))} | "
                      f"{_knows_cells(c, 'test', task)}"
                      f"{_cell(_diff(c, bar, 'test', key), True) if c is not bar else '-'} | "
-                     f"{_cell(_diff(c, full, 'test', key), True) if c.method == 'lora' else '-'} | "
+                     f"{_cell(_diff(c, full, 'test', key), True) if trains_lora(c.method) else '-'} | "
                      f"{_loss(c)} | {empty:.0f} / {c.rows[0]['eval']['inputs']} |")
     return lines
 
@@ -147,19 +147,24 @@ def _extra_table(configs: list[ReportRow], spec: dict[str, Any], task: str) -> l
         lines.append(f"| {c.label} | {_cell(_mean(c, dataset, key))} | {_cell(_mean(c, dataset, key2))} | "
                      f"{_knows_cells(c, dataset, spec['task'])}"
                      f"{_cell(_diff(c, base, dataset, key), True) if c is not base else '-'} | "
-                     f"{_cell(_diff(c, full, dataset, key), True) if c.method == 'lora' else '-'} |")
+                     f"{_cell(_diff(c, full, dataset, key), True) if trains_lora(c.method) else '-'} |")
     return lines
 
 
 def _cost_table(configs: list[ReportRow]) -> list[str]:
-    lines = ["| method | trainable params | % | result size | peak memory | train time | tokens/s | best val loss |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | trainable params | % | result size | peak memory | train time | time per step | tokens/s | "
+             "best val loss |", "|---|---|---|---|---|---|---|---|---|"]
     for c in (c for c in configs if c.trained):
         lines.append(f"| {c.label} | {params_text(c.mean('trainable_params'))} | {c.mean('trainable_percent'):.3g} | "
                      f"{_bytes(c.mean('result_bytes'))} | {_bytes(c.mean('peak_memory_bytes'))} | "
-                     f"{c.mean('wall_time_s') / 60:.1f} min | {c.mean('tokens_per_s'):,.0f} | "
-                     f"{_num(c.mean('best_val_loss'), '.3f')} |")
-    return lines
+                     f"{c.mean('wall_time_s') / 60:.1f} min | {_num(_step_time(c), '.2f')} s | "
+                     f"{c.mean('tokens_per_s'):,.0f} | {_num(c.mean('best_val_loss'), '.3f')} |")
+    return lines + ["", "Time per step: the training's wall time (its evaluations included) over its optimizer steps."]
+
+
+def _step_time(c: ReportRow) -> float | None:
+    times = [row["wall_time_s"] / row["steps"] for row in c.rows if row.get("wall_time_s") and row.get("steps")]
+    return statistics.fmean(times) if times else None
 
 
 def _setup_table(configs: list[ReportRow]) -> list[str]:
@@ -293,8 +298,11 @@ def verdict(configs: list[ReportRow], results: dict[str, Any]) -> list[str]:
     for spec in results.get("extra_eval", []):
         lines.append(f"- **{'Forgets' if spec['task'] == 'mc' else 'Generalises'} ({spec['name']}).** "
                      + _versus_base_sentence(full, lora, base, spec))
+    family = _variants_sentence(configs, full, lora, results)
+    if family is not None:
+        lines.append(f"- **Variants.** {family}")
     if full is not None and lora is not None:
-        lines.append(f"- **Costs.** {_costs(lora, full)}")
+        lines.append(f"- **Costs.** {_costs(lora, full)}{_variant_costs(configs, lora)}")
     lines.append(f"\n**Conclusion:** {_conclusion(full, lora, bar, key, name)}")
     return lines
 
@@ -369,6 +377,40 @@ def _costs(lora: ReportRow, full: ReportRow) -> str:
     return (f"{lora.label} trains {lora.mean('trainable_percent'):.2g}% of the parameters; its result takes "
             f"1/{1 / max(ratio('result_bytes'), 1e-12):.0f} of the disk, {ratio('peak_memory_bytes'):.2f}x the peak "
             f"memory and {ratio('wall_time_s'):.2f}x the training time of full fine-tuning.")
+
+
+def _variants_sentence(configs: list[ReportRow], full: ReportRow | None, lora: ReportRow | None,
+                       results: dict[str, Any]) -> str | None:
+    """LoRA and its variants against full fine-tuning on the test set, and the one the validation set prefers
+    (named on validation alone, then measured on test)."""
+    family = [c for c in configs if trains_lora(c.method)]
+    if full is None or all(c.method == "lora" for c in family):
+        return None
+    key, name = MAIN_SCORE[results["task"]]
+    metric = results["select_metric"]
+    parts = [f"{c.label} {_diff(c, full, 'test', key).format(signed=True)}" for c in family]
+    scored = [c for c in family if validation_score(c, metric) is not None]
+    text = f"Against full fine-tuning (test {name}, paired): " + "; ".join(parts) + "."
+    if scored:
+        pick = (min if metric == "val_loss" else max)(scored, key=lambda c: validation_score(c, metric))
+        text += (f" The validation set prefers {pick.label} (validation {metric} "
+                 f"{validation_score(pick, metric):.4g}); "
+                 + _compare_words(_diff(pick, full, "test", key), name, pick.label, "full fine-tuning") + ".")
+        if lora is not None and pick is not lora:
+            text += " " + _compare_words(_diff(pick, lora, "test", key), name, pick.label, lora.label) + "."
+    return text
+
+
+def _variant_costs(configs: list[ReportRow], lora: ReportRow) -> str:
+    """Each LoRA variant's time per step and peak memory against plain LoRA's."""
+    parts = []
+    for c in (c for c in configs if trains_lora(c.method) and c.method != "lora"):
+        time, base = _step_time(c), _step_time(lora)
+        if time and base:
+            parts.append(f"{c.label} takes {time / base:.2f}x {lora.label}'s time per step and "
+                         f"{(c.mean('peak_memory_bytes') or 0) / max(lora.mean('peak_memory_bytes') or 1, 1):.2f}x "
+                         "its peak memory")
+    return (" " + "; ".join(parts) + ".") if parts else ""
 
 
 def _conclusion(full, lora, bar, key, name) -> str:

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from qatune.compare.sweep import VALIDATION, Point, Run, Sweep, point_dict
+from qatune.compare.sweep import VALIDATION, Point, Run, Sweep, point_dict, trains_lora
 from qatune.evaluation.measure import resolve_task
 from qatune.runs.layout import EvalDir, RunDir
 from qatune.utils.env import machine_info
@@ -95,14 +95,14 @@ def _validation(sweep: Sweep, run: Run, run_dir: RunDir) -> dict[str, Any]:
 def _training_facts(run_dir: RunDir, run: Run) -> dict[str, Any]:
     summary = json.loads(run_dir.summary.read_text())
     facts: dict[str, Any] = {k: summary.get(k) for k in _SUMMARY_KEYS}
-    facts["result_bytes"] = _weights_size(run_dir.result_for(run.method))
+    facts["result_bytes"] = _weights_size(run_dir.result_for("lora" if trains_lora(run.method) else run.method))
     config = run_dir.read_config()
     facts["config"] = {
         "train": {k: config["train"].get(k) for k in ("epochs", "max_steps", "batch_size", "grad_accum", "lr",
                                                       "schedule", "warmup_steps")},
         "data": {k: config["data"].get(k) for k in ("train", "val", "val_fraction", "max_length", "max_examples",
                                                     "template", "prompt_format")},
-        "lora": config["lora"] if run.method == "lora" else None,
+        "lora": config["lora"] if trains_lora(run.method) else None,
     }
     events = [json.loads(line) for line in _lines(run_dir.metrics)]
     facts["val_curve"] = [[e["step"], e["val_loss"]] for e in events if e.get("event") == "eval" and "val_loss" in e]

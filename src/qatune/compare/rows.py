@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from qatune.compare.sweep import METHOD_LABELS, METHODS, trains_lora
+
 # The per-item score each task's comparisons use, and its label; multiple choice uses acc_norm.
 MAIN_SCORE = {"qa": ("f1", "F1"), "nlg": ("bleu", "sentence BLEU"), "mc": ("acc_norm", "acc_norm")}
 SECOND_SCORE = {"qa": ("em", "EM"), "nlg": ("rouge_l", "ROUGE-L"), "mc": ("acc", "acc")}
@@ -32,14 +34,15 @@ class ReportRow:
 
     @property
     def label(self) -> str:
-        if self.method == "lora":
-            return f"LoRA r={self.rank if self.rank is not None else self.rows[0]['point'].get('lora.r')}"
+        if trains_lora(self.method):
+            rank = self.rank if self.rank is not None else self.rows[0]["point"].get("lora.r")
+            return f"{METHOD_LABELS[self.method]} r={rank}"
         name = f"{self.shots}-shot" if self.method == "k-shot" else self.method
         return f"{name}, {self.prompt_format}" if self.prompt_format else name
 
     @property
     def trained(self) -> bool:
-        return self.method in ("full", "lora")
+        return self.method in METHODS
 
     def matrix(self, dataset: str, key: str) -> np.ndarray | None:
         """Per-item scores `[seeds, items]` on a dataset (None when this row was not scored on it)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qatune.compare.rows import params_text
+from qatune.compare.sweep import METHOD_LABELS, trains_lora
 
 LR = "train.lr"
 
@@ -24,7 +25,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        name = "LoRA" if self.method == "lora" else self.method
+        name = METHOD_LABELS.get(self.method, self.method)
         parts = [_value_text(key, value) for key, value in self.fixed]
         return f"{name} {' '.join(parts)}".strip()
 
@@ -37,7 +38,7 @@ class Variant:
 
     @property
     def rank(self) -> int | None:
-        return dict(self.fixed).get("lora.r") if self.method == "lora" else None
+        return dict(self.fixed).get("lora.r") if trains_lora(self.method) else None
 
 
 def variants(results: dict[str, Any], model: str) -> list[Variant]:
@@ -45,7 +46,7 @@ def variants(results: dict[str, Any], model: str) -> list[Variant]:
     groups: dict[tuple, Variant] = {}
     for row in (r for r in results.get("selection", []) if r["model"] == model):
         fixed = tuple((k, _hashable(v)) for k, v in row["point"].items() if k != LR)
-        if row["method"] == "lora" and row.get("rank") is not None:
+        if trains_lora(row["method"]) and row.get("rank") is not None:
             fixed = (("lora.r", row["rank"]), *fixed)
         groups.setdefault((row["method"], fixed), Variant(row["method"], fixed, [])).points.append(row)
     for variant in groups.values():
@@ -61,7 +62,7 @@ def lr_ratios(found: list[Variant], metric: str) -> list[tuple[Variant, float, f
         return []
     full_lr = fulls[0].best(metric)["point"][LR]
     return [(v, v.best(metric)["point"][LR], v.best(metric)["point"][LR] / full_lr) for v in found
-            if v.method == "lora" and len(v.points) > 1 and v.best(metric)]
+            if trains_lora(v.method) and len(v.points) > 1 and v.best(metric)]
 
 
 def study_lines(results: dict[str, Any], model: str) -> list[str]:

@@ -31,12 +31,20 @@ from qatune.utils.settings import build, setting
 from qatune.utils.yamlfile import read_yaml_mapping
 
 EXTRA_TASKS = ("qa", "nlg", "mc")
-METHODS = ("full", "lora")
+# LoRA variants a sweep compares as methods of their own: each trains as `method: lora` with these `lora` keys,
+# and takes `grid.lora` and `method_overrides.lora` unless it has its own.
+LORA_VARIANTS = {"dora": {"use_dora": True}, "pissa": {"init": "pissa"}, "olora": {"init": "olora"}}
+METHODS = ("full", "lora", *LORA_VARIANTS)
+METHOD_LABELS = {"lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "olora": "OLoRA"}
 BASELINE_FORMATS = ("plain", "chat")
 VALIDATION = "validation"  # the baselines' evaluation on the validation set: RUN/eval-validation
 Point = tuple[tuple[str, Any], ...]  # a grid point: (dotted config key, value) pairs
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # slice names: one plain file name, never a path
 MAX_NAME_BYTES = 100  # a run's name, before its seed: it becomes directory and file names (255 bytes at most)
+
+
+def trains_lora(method: str) -> bool:
+    return method == "lora" or method in LORA_VARIANTS
 
 
 def model_label(model: str) -> str:
@@ -156,7 +164,8 @@ class SweepFile(_SweepSection):
     eval: EvalSection = setting(help="required")
     name: str | None = setting(None, help="default: the file's name")
     description: str = ""
-    methods: list[str] = setting(default_factory=lambda: list(METHODS), choices=METHODS)
+    methods: list[str] = setting(default_factory=lambda: ["full", "lora"], choices=METHODS,
+                                 help="full, lora, and LoRA variants: dora, pissa (PiSSA init), olora (OLoRA init)")
     ranks: list[int] | None = setting(None, ge=1, help="LoRA ranks; default [8], or none with a lora.r grid")
     seeds: list[int] = setting(default_factory=lambda: [0], ge=0)
     zero_shot: bool = False
@@ -198,7 +207,7 @@ class Sweep:
 
     def cells(self) -> list[tuple[str, str, int | None]]:
         return [(model, method, rank) for model in self.models for method in self.methods
-                for rank in (self.ranks if method == "lora" else [None])]
+                for rank in (self.ranks if trains_lora(method) else [None])]
 
     def candidates(self) -> list[Run]:
         """Every grid point of every configuration, with the first seed: what the selection compares."""
@@ -225,17 +234,20 @@ class Sweep:
 
     def train_config(self, run: Run, run_dir: Path) -> dict[str, Any]:
         """`base`, then the method's overrides, then the grid point, then what the run fixes."""
-        cfg = _merge(self.base, self.method_overrides.get(run.method, {}))
+        cfg = _merge(self.base, self.method_overrides.get("lora", {}) if run.method in LORA_VARIANTS else {})
+        cfg = _merge(cfg, self.method_overrides.get(run.method, {}))
+        if run.method in LORA_VARIANTS:
+            cfg = _merge(cfg, {"lora": LORA_VARIANTS[run.method]})
         for key, value in point_dict(run.point).items():
             *sections, leaf = key.split(".")
             node = cfg
             for section in sections:
                 node = node.setdefault(section, {})
             node[leaf] = value
-        cfg.update(model=run.model, method=run.method, out=str(run_dir))
+        cfg.update(model=run.model, method="lora" if trains_lora(run.method) else run.method, out=str(run_dir))
         cfg.setdefault("train", {})["seed"] = run.seed
         cfg["train"].setdefault("run_group", self.name)  # experiment trackers group the sweep's runs
-        if run.method == "lora" and run.rank is not None:
+        if trains_lora(run.method) and run.rank is not None:
             cfg.setdefault("lora", {})["r"] = run.rank
         if self.selects_on_answers:  # every evaluation answers the validation questions; the result is the best
             cfg["train"].setdefault("eval_generate", self.select_examples)  # checkpoint by the same metric
@@ -264,8 +276,10 @@ def _sweep(path: Path, raw: SweepFile) -> Sweep:
     for key in ("models", "methods", "seeds"):
         if not getattr(raw, key):
             raise ConfigError(f"`{key}` must list at least one value")
-    grid = {method: _grid_points(method, raw.grid.get(method)) for method in raw.methods}
-    uses_rank_grid = any(key == "lora.r" for point in grid.get("lora", [()]) for key, _ in point)
+    inherited = {method: raw.grid.get("lora") for method in LORA_VARIANTS}  # a variant takes LoRA's grid
+    grid = {method: _grid_points(method, raw.grid.get(method, inherited.get(method))) for method in raw.methods}
+    uses_rank_grid = any(key == "lora.r" for method in grid if trains_lora(method) for point in grid[method]
+                         for key, _ in point)
     if uses_rank_grid and raw.ranks is not None:
         raise ConfigError("give LoRA ranks either as `ranks` or in `grid.lora` (lora.r), not both")
     ranks = raw.ranks if raw.ranks is not None else [None] if uses_rank_grid else [8]
