@@ -64,6 +64,7 @@ from qatune.errors import ConfigError, QatuneError
 from qatune.evaluation.measure import evaluate, resolve_task, validation_generation
 from qatune.evaluation.multiple_choice import evaluate_multiple_choice
 from qatune.generation.decode import GenerationConfig
+from qatune.models.tokenizer import load_tokenizer
 from qatune.runs.layout import RunDir, lock_directory
 from qatune.training.config import DataSection, config_from_dict
 from qatune.utils.io import atomic_write_text
@@ -128,8 +129,6 @@ def _drop_missing_chat(sweep: Sweep) -> None:
     asked in the plain format only."""
     if sweep.formats_declared:
         return
-    from qatune.models.tokenizer import load_tokenizer  # a tokenizer load, only for sweeps with baselines
-
     for model in sweep.models if sweep.zero_shot or sweep.few_shot else []:
         if not getattr(load_tokenizer(model), "chat_template", None):
             sweep.baseline_formats[model] = [f for f in sweep.baseline_formats[model] if f != "chat"]

@@ -86,9 +86,7 @@ def evaluate(
     examples (QA) or the first N distinct inputs (NLG). `out_dir` defaults to `RUN_DIR/eval` for a run
     directory; for a bare model nothing is written unless `out_dir` is given. `loss=False` skips the loss:
     on a slow machine it can cost as much as generating, and training's validation loss measures the same.
-    `split=(val_fraction, seed)` evaluates on the validation questions that a training with `data.train=data`,
-    that `data.val_fraction` and that seed holds out (`split_train_val`): the same questions its evaluations
-    answer.
+    `split=(val_fraction, seed)`: only the questions a training on `data` holds out for validation.
     """
     start = time.perf_counter()
     run = run_data_section(source)
@@ -106,18 +104,9 @@ def evaluate(
     predictions = _generate(model, tokenizer, inputs, style, shots, generation, batch_size, progress)
     rows, scores = _score(task, inputs, predictions)
     metrics = {
-        "task": task,
-        "source": str(source),
-        "data": data_path,
-        "examples": len(examples),
-        "inputs": len(inputs),
-        "split": list(split) if split else None,
-        **losses,
-        **scores,
-        "prompt_format": style.name,
-        "template": template,
-        "shots": len(shots),
-        "generation": dataclasses.asdict(generation),
+        "task": task, "source": str(source), "data": data_path, "examples": len(examples), "inputs": len(inputs),
+        "split": list(split) if split else None, **losses, **scores, "prompt_format": style.name,
+        "template": template, "shots": len(shots), "generation": dataclasses.asdict(generation),
         "eval_time_s": time.perf_counter() - start,
     }
     _save(source, run is not None, out_dir, metrics, rows)
@@ -154,6 +143,9 @@ def _save(source: str | os.PathLike, is_run: bool, out_dir: str | os.PathLike | 
 
 def _read(data_path: str, fmt: str, task: str, max_examples: int | None,
           split: tuple[float, int] | None) -> tuple[list[QAExample], list[QAExample]]:
+    """The examples to evaluate; with `split=(val_fraction, seed)` only the validation questions that a training
+    with `data.train=data_path` and that fraction and seed holds out (`split_train_val`): the questions its
+    evaluations answer."""
     report = DataReport()
     examples = load_examples(data_path, fmt=fmt, report=report)
     if split is not None:
