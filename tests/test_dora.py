@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qatune import load_model
+from qatune.bench.setups import build_hf, build_native, gpt2_config, random_native_state
 from qatune.cli.commands import main
 from qatune.data.batching import label_positions
 from qatune.errors import QatuneError
@@ -31,6 +32,7 @@ from qatune.lora.adapters import save_adapter, save_merged
 from qatune.lora.layer import LoRALinear, LoRAPart
 from qatune.models.config import from_hf_config
 from qatune.models.decoder import Decoder
+from qatune.training.build import LossModule
 from qatune.training.config import load_config
 from qatune.training.recipe import train_model
 
@@ -411,3 +413,54 @@ def test_a_dora_run_with_fast_path_and_bf16_loads_in_peft_and_merges_from_the_cl
     _assert_same_logits(model, peft.PeftModel.from_pretrained(_hf(qa_gpt2_dir), run / "adapter").eval())
     assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
     _assert_same_logits(model, _hf(tmp_path / "merged"))
+
+
+def test_bench_dora_builds_native_and_peft_dora_from_the_same_weights():
+    """`qatune bench --methods dora`: the native and the peft model start from the same weights and adapter
+    shape: the same loss (a fresh adapter is the base model) and the same trainable parameter count."""
+    hf_config = gpt2_config("tiny", None, 32)
+    state = random_native_state(hf_config, torch.device("cpu"), seed=0)
+    ids = torch.randint(0, hf_config.vocab_size, (2, 32))
+    batch = {"input_ids": ids, **label_positions(ids)}
+    native = build_native(hf_config, state, torch.device("cpu"), "dora").eval()
+    hf = build_hf(hf_config, state, torch.device("cpu"), "dora").eval()
+    assert native.lora_config.use_dora and hf.model.peft_config["default"].use_dora
+    assert count_parameters(native)[0] == count_parameters(hf)[0] > count_parameters(
+        build_native(hf_config, state, torch.device("cpu"), "lora"))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model_loss(native, batch), model_loss(hf, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dora_compiled_training_step_matches_eager(monkeypatch):
+    """`train.compile`: the compiled loss module (`LossModule`, as the recipe wraps it) trains a DoRA adapter as
+    eager does, dropout on (the training branch of the DoRA formula), same seed per step; inductor's
+    `fallback_random` makes the compiled graph draw eager's dropout masks. About a minute on CPU with a cold
+    inductor cache."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    cfg = from_hf_config(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, resid_pdrop=0.0,
+                                                 embd_pdrop=0.0, attn_pdrop=0.0).to_dict())
+    torch.manual_seed(0)
+    eager = Decoder(cfg)
+    eager.init_weights()
+    apply_lora(eager, LoRAConfig(r=4, alpha=8, dropout=0.1, targets=["q", "v", "down"], use_dora=True))
+    compiled = Decoder(cfg)
+    apply_lora(compiled, LoRAConfig(r=4, alpha=8, dropout=0.1, targets=["q", "v", "down"], use_dora=True))
+    compiled.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, **label_positions(ids)}
+    losses = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        step = LossModule(model.train(), 0.0)
+        step = torch.compile(step) if name == "compiled" else step
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for i in range(3):
+            torch.manual_seed(10 + i)
+            loss = step(batch) / batch["loss_targets"].numel()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=0, atol=1e-4)
+    assert losses["eager"][0] != losses["eager"][-1]
