@@ -293,8 +293,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     Which modules are adapted, and their ranks, are read from the weight file itself, so `target_modules`
     regexes, `layers_to_transform` and `exclude_modules` need no interpretation; alphas follow `lora_alpha` and
     `alpha_pattern` as in peft. A GPT-2 `c_attn` pair becomes one pair over the whole fused qkv; Llama's
-    q_proj/k_proj/v_proj pairs become slices of it. Saved biases replace the model's. Trainable marking is
-    as `apply_lora`'s, so training can continue from a loaded adapter."""
+    q_proj/k_proj/v_proj pairs become slices of it. Saved biases replace the model's. With `use_dora`, each pair's
+    `lora_magnitude_vector` becomes its DoRA magnitude. Trainable marking is as `apply_lora`'s, so training can
+    continue from a loaded adapter."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.is_file():
@@ -398,8 +399,8 @@ def _magnitude_rows(model: nn.Module, module: str) -> tuple[str, str, int]:
 
 
 def _magnitude_problems(model: nn.Module, conf: dict, pairs: dict[str, dict[str, Tensor]]) -> list[str]:
-    """DoRA: with `use_dora` every pair has a magnitude of its rows' size; without it, none (peft would not read
-    it, so qatune does not either)."""
+    """DoRA: with `use_dora` every pair has a magnitude of its rows' size; without it, none (peft would ignore a
+    stray magnitude, which would then silently not be what was trained)."""
     use_dora, problems = bool(conf.get("use_dora")), []
     for module, tensors in pairs.items():
         key = f"{PEFT_PREFIX}{module}.lora_magnitude_vector"
