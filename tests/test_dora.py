@@ -464,3 +464,20 @@ def test_dora_compiled_training_step_matches_eager(monkeypatch):
             losses[name].append(loss.item())
     torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=0, atol=1e-4)
     assert losses["eager"][0] != losses["eager"][-1]
+
+
+def test_backend_hf_trains_peft_dora(qa_gpt2_dir, tmp_path):
+    """`backend=hf` with `lora.use_dora`: peft's DoRA (not plain LoRA) is what trains, and its first step's loss
+    is the native backend's (B = 0 and m = ||W||: both are the base model then)."""
+    losses = {}
+    for backend in ("native", "hf"):
+        torch.manual_seed(0)
+        out = tmp_path / backend
+        train_model(load_config(None, [f"model={qa_gpt2_dir}", "method=lora", "lora.use_dora=true", f"out={out}",
+                                       "data.train=sample", "train.max_steps=2", "train.batch_size=4",
+                                       "train.progress=false", f"backend={backend}"]))
+        losses[backend] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+        assert _magnitude_keys(out / "adapter")
+    first = [next(r["loss"] for r in losses[b] if r["event"] == "train") for b in ("native", "hf")]
+    assert abs(first[0] - first[1]) <= 1e-4, first
