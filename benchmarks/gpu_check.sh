@@ -18,15 +18,16 @@
 #   env            nvidia-smi, versions                                                          ~10 s
 #   sdpa           which attention kernels native and hf run in bf16 (profiler op/kernel names), and
 #                  whether the native step runs with SDPA restricted to flash                    ~45 s
-#   agreement      fast path vs eager, 50 bf16 training steps, gpt2 full + lora, dropout off     ~45 s
+#   agreement      fast path vs eager, 50 bf16 training steps, gpt2 full + lora + dora, dropout off ~60 s
 #   eager          gpt2, gpt2-medium, gpt2-large x {full, lora} x {native, native-fast, hf}       ~90 s
+#   dora           gpt2 x {lora, dora} x {native, native-fast, hf}: native DoRA vs peft's DoRA    ~45 s
 #   eager-xl-full  gpt2-xl full (own process: 3 full copies + Adam state ~ 75 GiB)                ~60 s
 #   eager-xl-lora  gpt2-xl lora                                                                   ~45 s
 #   triviaqa       pad-to-longest / dynamic / packing, gpt2 full + lora                           ~60 s
 #   compile-gpt2   gpt2 x {full, lora} x {native, hf, hf-compile, native-compile}                 ~180 s
 #   e2e            as triviaqa, lora only                                                         ~45 s
 #   compile-gpt2-medium, compile-gpt2-large, compile-gpt2-xl                                      ~200-300 s each
-# All: about 9.5 min before the compile runs of the three larger shapes, which do not fit one call. A section
+# All: about 10 min before the compile runs of the three larger shapes, which do not fit one call. A section
 # whose estimate exceeds the time left is skipped (and says so); SECTIONS="compile-gpt2-medium ..." runs only
 # the named ones (a second call, if device time is left).
 set -u
@@ -65,8 +66,9 @@ PYCHECK=("$PY" -c 'import json, sys; from qatune.bench import *; t = json.dumps(
 
 section env 10 bash -c "nvidia-smi; $PY -c 'import torch, transformers, peft; print(torch.__version__, torch.version.cuda, transformers.__version__, peft.__version__, torch.cuda.get_device_name())'"
 section sdpa 45 "${PYCHECK[@]}" "$WORK/sdpa.json" "sdpa_kernels('cuda', 'bf16')"
-section agreement 45 "${PYCHECK[@]}" "$WORK/agreement.json" "fast_path_agreement('gpt2', steps=50, batch=8, seq=512, device='cuda')"
+section agreement 60 "${PYCHECK[@]}" "$WORK/agreement.json" "fast_path_agreement('gpt2', ('full', 'lora', 'dora'), steps=50, batch=8, seq=512, device='cuda')"
 section eager 90 "${BENCH[@]}" --shapes gpt2,gpt2-medium,gpt2-large --methods full,lora --backends native,native-fast,hf --json "$WORK/eager.json"
+section dora 45 "${BENCH[@]}" --shapes gpt2 --methods lora,dora --backends native,native-fast,hf --json "$WORK/dora.json"
 section eager-xl-full 60 "${BENCH[@]}" --shapes gpt2-xl --methods full --backends native,native-fast,hf --json "$WORK/eager-xl-full.json"
 section eager-xl-lora 45 "${BENCH[@]}" --shapes gpt2-xl --methods lora --backends native,native-fast,hf --json "$WORK/eager-xl-lora.json"
 section triviaqa 60 "${BENCH[@]}" --steps 10 --shapes gpt2 --methods full,lora --backends native,native-fast,hf --real-data "$SHARED/data/triviaqa/triviaqa_sm_sub.jsonl" --tokenizer "$SHARED/tokenizers/gpt2" --json "$WORK/triviaqa.json"

@@ -163,7 +163,7 @@ def _adapter_dir(tmp_path: Path, base_dir: Path, **config_changes) -> Path:
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(use_dora=True), r"unsupported peft features: DoRA \(use_dora\)"),
+    (dict(use_dora=True), r"c_attn\.lora_magnitude_vector is missing but adapter_config.json says use_dora=true"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(peft_type="IA3"), "peft_type 'IA3' is not supported"),
     (dict(init_lora_weights="pissa"), "changes the base model's weights"),

@@ -26,6 +26,10 @@ attention counted in full, N = weights of every matmul: the blocks' linears and 
     plus attention:    12 * n_layer * seq * d_model   (QK^T and PV: forward 4 * seq * d_model per layer,
                                                        backward twice that)
 
+DoRA (`--methods dora`: the LoRA adapter with `use_dora`, native against peft's) is counted as LoRA: what DoRA
+adds (the row norms of W + s B A each step, and with dropout peft's second product of the adapted weights with
+the dropped-out input, which qatune computes alike) is overhead of the method, not model FLOPs.
+
 MFU is given for the synthetic batches only, where every token is labelled; with answer-only labels (real
 data) the native backend skips most of the LM head, so "model FLOPs" would no longer be the work done.
 

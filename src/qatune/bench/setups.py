@@ -35,7 +35,7 @@ SHAPES: dict[str, dict[str, int]] = {
     "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
 }
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "dora")  # dora: LORA with use_dora, native DoRA against peft's
 BACKENDS = ("native", "native-fast", "native-compile", "native-fast-compile", "hf", "hf-compile")
 STRATEGIES = ("pad-to-longest", "dynamic", "packing")
 GPT2_VOCAB = 50257
@@ -98,19 +98,20 @@ def random_native_state(hf_config, device: torch.device, seed: int) -> dict[str,
 def build_native(hf_config, state: dict[str, Tensor], device: torch.device, method: str, fast_path: bool = False
                  ) -> nn.Module:
     """A native `Decoder` holding a copy of `state`, with LoRA (r=8, alpha=16, dropout 0.1 on c_attn) for
-    method=lora, as `training.build.build_trainable_model` makes it; `fast_path` as `train.fast_path`."""
+    method=lora (and DoRA for dora), as `training.build.build_trainable_model` makes it; `fast_path` as
+    `train.fast_path`."""
 
     with torch.device(device):
         model = Decoder(from_hf_config(hf_config.to_dict()), fast_path=fast_path, device=device)
     model.load_state_dict(state)
-    if method == "lora":
-        apply_lora(model, LoRAConfig(**LORA))
+    if method != "full":
+        apply_lora(model, adapter_config(method))
     return model.train()
 
 
 def build_hf(hf_config, state: dict[str, Tensor], device: torch.device, method: str) -> nn.Module:
-    """transformers' `GPT2LMHeadModel` (SDPA attention) with the same weights, + peft LoRA for method=lora,
-    wrapped in `HFCausalLM` (the `backend=hf` loss)."""
+    """transformers' `GPT2LMHeadModel` (SDPA attention) with the same weights, + peft LoRA for method=lora (peft
+    DoRA for dora), wrapped in `HFCausalLM` (the `backend=hf` loss)."""
     from transformers import GPT2LMHeadModel  # heavy (seconds): imported when a benchmark runs
 
 
@@ -120,9 +121,14 @@ def build_hf(hf_config, state: dict[str, Tensor], device: torch.device, method: 
                                                 strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to wte
         raise ConfigError(f"weights do not fit GPT2LMHeadModel: missing {missing}, unexpected {unexpected}")
-    if method == "lora":
-        model = apply_peft_lora(model, LoRAConfig(**LORA))
+    if method != "full":
+        model = apply_peft_lora(model, adapter_config(method))
     return HFCausalLM(model).train()
+
+
+def adapter_config(method: str) -> LoRAConfig:
+    """The adapter of method lora or dora: the baseline recipe's, with DoRA for dora."""
+    return LoRAConfig(**LORA, use_dora=method == "dora")
 
 
 def matmul_params(model: nn.Module) -> tuple[int, int]:
@@ -198,8 +204,8 @@ def make_step(model: nn.Module, backend: str, method: str, device: torch.device,
     """One training step as `train_model` runs it (forward under autocast, backward, AdamW, zero_grad);
     returns the (detached) mean loss."""
 
-    # The recipe's learning rates (LoRA 5e-4, full 5e-5); weight decay 0.01 on matrices, as training does.
-    optimizer = make_optimizer(model, lr=5e-4 if method == "lora" else 5e-5, weight_decay=0.01, device=device)
+    # The recipe's learning rates (LoRA and DoRA 5e-4, full 5e-5); weight decay 0.01 on matrices, as training does.
+    optimizer = make_optimizer(model, lr=5e-5 if method == "full" else 5e-4, weight_decay=0.01, device=device)
     loss_module: nn.Module = LossModule(model, 0.0)
     if backend.endswith("-compile"):
         loss_module = torch.compile(loss_module)

@@ -162,7 +162,7 @@ def _add_bench(sub) -> None:
                        description="Random-initialised GPT-2 shapes, every configuration in one process, measured "
                                    "in alternating rounds. See benchmarks/README.md.")
     p.add_argument("--shapes", default="gpt2", help="comma list of tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
-    p.add_argument("--methods", default="full,lora", help="comma list of full, lora")
+    p.add_argument("--methods", default="full,lora", help="comma list of full, lora, dora")
     p.add_argument("--backends", default="native,native-fast,hf",
                    help="comma list of native, native-fast, native-compile, native-fast-compile, hf, hf-compile")
     p.add_argument("--batch", type=int, default=16)

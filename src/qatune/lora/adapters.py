@@ -4,7 +4,9 @@ An adapter directory is what `PeftModel.save_pretrained` writes: `adapter_config
 and `adapter_model.safetensors` with keys `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight`
 (no adapter name), `A` `[r, in]`, `B` `[out, r]` in both families (peft's `fan_in_fan_out` only says that
 GPT-2's base `Conv1D` weight is `[in, out]`; the LoRA matrices are not transposed). Biases trained by the
-`bias` mode are saved under the model's own names, with `.base_layer` inserted for modules peft wraps.
+`bias` mode are saved under the model's own names, with `.base_layer` inserted for modules peft wraps. A DoRA
+adapter (`use_dora: true`) adds each module's magnitude `[out]` as
+`base_model.model.<HF module>.lora_magnitude_vector` (peft's saved name: no `.weight`, no adapter name).
 
 Which Hugging Face module a native layer is comes from `weights.LINEAR_MAPS`, nowhere else.
 """
@@ -41,7 +43,6 @@ PEFT_PREFIX = "base_model.model."
 # adapter_config.json fields for peft features that change what the adapter computes (or what it needs of the
 # base model) and that qatune does not implement: refused rather than silently ignored.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (use_dora)",
     "lora_bias": "LoRA bias terms (lora_bias)",
     "modules_to_save": "fully trained extra modules (modules_to_save)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
@@ -115,6 +116,19 @@ def _peft_pairs(to_hf: dict[tuple[str, str | None], str], name: str, layer: LoRA
     return {to_hf[(name, None)]: (a_fused, b_fused, n * r, alpha_fused)}
 
 
+def _peft_magnitudes(to_hf: dict[tuple[str, str | None], str], name: str, layer: LoRALinear) -> dict[str, Tensor]:
+    """One native DoRA layer -> {HF module path: magnitude} as peft would hold it, for the modules `_peft_pairs`
+    gives. GPT-2 q/k/v slices, exported as one c_attn pair, get one c_attn magnitude: each slice's on its rows and
+    the base row norm on the others (k's for q+v), where B is zero, so that peft's m / ||W + sBA|| is 1 there and
+    those rows stay the base's, as in qatune. DoRA is row-wise, so this is exact: no slice layout is refused."""
+    if not layer.use_dora:
+        return {}
+    direct = {p: to_hf.get((name, None if p == WHOLE else p)) for p in layer.parts}
+    if all(direct.values()):
+        return {direct[p]: layer.lora_magnitude_vector[p].detach() for p in layer.parts}
+    return {to_hf[(name, None)]: layer.full_magnitude()}
+
+
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str,
                  tokenizer=None) -> Path:
     """Write the model's LoRA adapter as peft does (`PeftModel.from_pretrained(hf_model, out_dir)` loads it),
@@ -131,10 +145,13 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
     config: LoRAConfig = model.lora_config
     to_hf = {native_part: hf for hf, native_part in _hf_linear_modules(cfg).items()}
     pairs: dict[str, tuple[Tensor, Tensor, int, float]] = {}
+    magnitudes: dict[str, Tensor] = {}
     for name, layer in layers.items():
         pairs.update(_peft_pairs(to_hf, name, layer))
+        magnitudes.update(_peft_magnitudes(to_hf, name, layer))
 
     tensors = _adapter_tensors(model, pairs)
+    tensors.update({f"{PEFT_PREFIX}{m}.lora_magnitude_vector": v.cpu().contiguous() for m, v in magnitudes.items()})
     peft_config = _peft_config(cfg, config, pairs, base_model_name_or_path)
 
     def write(tmp: Path) -> None:
@@ -191,7 +208,7 @@ def _peft_config(cfg: ModelConfig, config: LoRAConfig, pairs: dict[str, tuple[Te
         "layers_pattern": None,
         "rank_pattern": {m: pr for m, (_, _, pr, _) in pairs.items() if pr != r},
         "alpha_pattern": {m: pa for m, (_, _, _, pa) in pairs.items() if pa != alpha},
-        "use_dora": False,
+        "use_dora": config.use_dora,
         # Keys that newer peft versions added (exclude_modules, lora_bias) are left out at their defaults, so that
         # every peft from the declared minimum version on reads the file; newer versions fill them in.
     }
@@ -230,6 +247,7 @@ _FIELD_TYPES = {
     "lora_alpha": _POSITIVE,
     "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
     "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
     "bias": _STRING,
     "peft_type": _STRING,
 }
@@ -274,8 +292,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     Which modules are adapted, and their ranks, are read from the weight file itself, so `target_modules`
     regexes, `layers_to_transform` and `exclude_modules` need no interpretation; alphas follow `lora_alpha` and
     `alpha_pattern` as in peft. A GPT-2 `c_attn` pair becomes one pair over the whole fused qkv; Llama's
-    q_proj/k_proj/v_proj pairs become slices of it. Saved biases replace the model's. Trainable marking is
-    as `apply_lora`'s, so training can continue from a loaded adapter."""
+    q_proj/k_proj/v_proj pairs become slices of it. Saved biases replace the model's. With `use_dora`, each pair's
+    `lora_magnitude_vector` becomes its DoRA magnitude. Trainable marking is as `apply_lora`'s, so training can
+    continue from a loaded adapter."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.is_file():
@@ -284,14 +303,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     state, weights_path = _read_adapter_weights(adapter_dir)
     pairs, biases = _classify_adapter_keys(model.config, state, weights_path)
     layout, weights, problems = _adapter_layout(model, conf, pairs)
-    problems += _bias_problems(model, biases)
+    problems += _bias_problems(model, biases) + _magnitude_problems(model, conf, pairs)
     if problems:
         raise ModelError(f"{weights_path} does not fit this {model.config.family} model: " + "; ".join(problems))
     # targets: the HF short names of what the file adapts, valid qatune targets describing this adapter.
     targets = sorted({m.rpartition(".")[2] for m in pairs})
     try:  # defaults are peft's LoraConfig defaults
         config = LoRAConfig(r=conf.get("r", 8), alpha=conf.get("lora_alpha", 8), dropout=conf.get("lora_dropout", 0.0),
-                            targets=targets, use_rslora=bool(conf.get("use_rslora")), bias=conf.get("bias", "none"))
+                            targets=targets, use_rslora=bool(conf.get("use_rslora")), bias=conf.get("bias", "none"),
+                            use_dora=bool(conf.get("use_dora")))
     except ConfigError as e:
         raise ModelError(f"{config_path}: {e}") from None
     wrapped = inject_lora(model, layout, config)
@@ -301,6 +321,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
         for (native, part_name), (a, b) in weights.items():
             layers[native].lora_A[part_name].copy_(a)
             layers[native].lora_B[part_name].copy_(b)
+        _copy_magnitudes(model, pairs)
         for hf_name, value in biases.items():
             native, part, _ = hf_tensors[hf_name]
             target = _plain_param(model, native)
@@ -320,7 +341,8 @@ def _classify_adapter_keys(cfg: ModelConfig, state: dict[str, Tensor], weights_p
         name = key.removeprefix(PEFT_PREFIX)
         if cfg.family == "gpt2" and re.match(r"^(h\.\d+)\.", name):  # adapter made on a bare GPT2Model
             name = "transformer." + name
-        match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
+        # A and B of a pair, and DoRA's magnitude under peft's saved name (no ".weight")
+        match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name) or re.fullmatch(r"(.+)\.lora_(magnitude)_vector", name)
         bias_name = re.sub(r"\.base_layer\.bias$", ".bias", name)
         if match and match[1] in linears:
             pairs.setdefault(match[1], {})[match[2]] = value
@@ -331,7 +353,7 @@ def _classify_adapter_keys(cfg: ModelConfig, state: dict[str, Tensor], weights_p
     if unexpected:
         raise ModelError(f"{weights_path}: keys that match no LoRA-adaptable module or bias of this "
                          f"{cfg.family} model: {', '.join(sorted(unexpected))}")
-    incomplete = [f"{PEFT_PREFIX}{m}.lora_{'B' if 'A' in ab else 'A'}.weight" for m, ab in pairs.items() if len(ab) < 2]
+    incomplete = [f"{PEFT_PREFIX}{m}.lora_{x}.weight" for m, ab in pairs.items() for x in "AB" if x not in ab]
     if incomplete:
         raise ModelError(f"{weights_path}: missing keys {', '.join(sorted(incomplete))}")
     if not pairs:
@@ -366,6 +388,37 @@ def _adapter_layout(model: nn.Module, conf: dict, pairs: dict[str, dict[str, Ten
         layout.setdefault(native, {})[part_name] = LoRAPart(rows, r, alpha)
         weights[(native, part_name)] = (a, b)
     return layout, weights, problems
+
+
+def _magnitude_rows(model: nn.Module, module: str) -> tuple[str, str, int]:
+    """(native module, part name, number of output rows) of an HF module path: what a DoRA magnitude covers."""
+    native, part = _hf_linear_modules(model.config)[module]
+    rows = qkv_slice(model.config, part) if part else slice(0, _plain_module(model, native).out_features)
+    return native, part or WHOLE, rows.stop - rows.start
+
+
+def _magnitude_problems(model: nn.Module, conf: dict, pairs: dict[str, dict[str, Tensor]]) -> list[str]:
+    """DoRA: with `use_dora` every pair has a magnitude of its rows' size; without it, none (peft would ignore a
+    stray magnitude, which would then silently not be what was trained)."""
+    use_dora, problems = bool(conf.get("use_dora")), []
+    for module, tensors in pairs.items():
+        key = f"{PEFT_PREFIX}{module}.lora_magnitude_vector"
+        if ("magnitude" in tensors) != use_dora:
+            problems.append(f"{key} is missing but {ADAPTER_CONFIG} says use_dora=true" if use_dora
+                            else f"{key} is a DoRA magnitude but {ADAPTER_CONFIG} does not set use_dora")
+            continue
+        shape, n_rows = tuple(tensors.get("magnitude", torch.empty(0)).shape), _magnitude_rows(model, module)[2]
+        if use_dora and shape != (n_rows,):
+            problems.append(f"{key}: shape {shape}, model needs ({n_rows},)")
+    return problems
+
+
+def _copy_magnitudes(model: nn.Module, pairs: dict[str, dict[str, Tensor]]) -> None:
+    layers = lora_layers(model)
+    for module, tensors in pairs.items():
+        if "magnitude" in tensors:
+            native, part_name, _ = _magnitude_rows(model, module)
+            layers[native].lora_magnitude_vector[part_name].copy_(tensors["magnitude"])
 
 
 def _bias_problems(model: nn.Module, biases: dict[str, Tensor]) -> list[str]:

@@ -42,7 +42,7 @@ def inject_lora(model: nn.Module, layout: dict[str, dict[str, LoRAPart]], config
         parent, _, attr = name.rpartition(".")
         base = model.get_submodule(name)
         wrapped = LoRALinear(base, parts, dropout=config.dropout, use_rslora=config.use_rslora,
-                             fast_dropout=getattr(model, "cpu_kernels", False))
+                             fast_dropout=getattr(model, "cpu_kernels", False), use_dora=config.use_dora)
         wrapped.train(base.training)  # a model in eval mode must not start applying LoRA dropout
         setattr(model.get_submodule(parent), attr, wrapped)
     model.lora_config = config
@@ -55,7 +55,7 @@ def _mark_trainable(model: nn.Module, bias: str) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in lora_layers(model).values():
-        for p in (*layer.lora_A.values(), *layer.lora_B.values()):
+        for p in (*layer.lora_A.values(), *layer.lora_B.values(), *layer.lora_magnitude_vector.values()):
             p.requires_grad_(True)
         if bias == "lora_only" and layer.base.bias is not None:
             layer.base.bias.requires_grad_(True)
@@ -89,12 +89,13 @@ def unmerge_lora(model: nn.Module) -> list[str]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """What an adapter holds, under native names: every LoRA A and B, and the biases the bias mode trains."""
+    """What an adapter holds, under native names: every LoRA A and B (and DoRA magnitude), and the biases the bias
+    mode trains."""
     bias = model.lora_config.bias
     adapted = {f"{name}.base.bias" for name in lora_layers(model)}
     return {
         k: v for k, v in model.state_dict().items()
-        if ".lora_A." in k or ".lora_B." in k
+        if ".lora_A." in k or ".lora_B." in k or ".lora_magnitude_vector." in k
         or (bias == "all" and k.endswith(".bias")) or (bias == "lora_only" and k in adapted)
     }
 

@@ -81,6 +81,7 @@ def apply_peft_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
         target_modules=_peft_targets(model, lora.targets),
         bias=lora.bias,
         use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
         task_type="CAUSAL_LM",
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
     )
