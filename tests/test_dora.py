@@ -481,3 +481,13 @@ def test_backend_hf_trains_peft_dora(qa_gpt2_dir, tmp_path):
         assert _magnitude_keys(out / "adapter")
     first = [next(r["loss"] for r in losses[b] if r["event"] == "train") for b in ("native", "hf")]
     assert abs(first[0] - first[1]) <= 1e-4, first
+
+
+def test_dora_with_a_pissa_or_olora_start_is_refused():
+    from qatune.errors import ConfigError
+    from qatune.lora.layer import LoRAConfig
+
+    for init in ("pissa", "olora"):
+        with pytest.raises(ConfigError, match=f"use_dora=true does not combine with lora.init={init}"):
+            LoRAConfig(use_dora=True, init=init)
+    assert LoRAConfig(use_dora=True).init == "default"

@@ -303,6 +303,7 @@ def test_model_card_is_written_parsed_and_filled_by_eval(lora_run):
     text = card_path.read_text()
     summary = json.loads((lora_run / "summary.json").read_text())
     assert f"| steps | {summary['steps']} |" in text and "| lora.r | 8 |" in text and "records kept" in text
+    assert "| lora.use_dora | False |" in text and "| lora.init | default |" in text
     assert f"| contains | {metrics['contains']:.6g} |" in text
     assert f"| answer_length | {metrics['answer_length']:.6g} |" in text
 

@@ -49,6 +49,11 @@ class LoRAConfig:
         check_fields(self, "lora.")  # the declared types and ranges, also when built in code (adapters.py)
         if self.targets is not None and not self.targets:
             raise ConfigError("LoRA targets is empty; leave it unset for the model family's default")
+        if self.use_dora and self.init != "default":
+            # The saved PiSSA/OLoRA adapter is converted into a plain LoRA for the original base; DoRA's
+            # magnitudes are relative to the residual base's row norms, which that conversion cannot carry.
+            raise ConfigError(f"lora.use_dora=true does not combine with lora.init={self.init}: the converted "
+                              "adapter would not apply to the original base model")
 
 
 @dataclass(frozen=True)

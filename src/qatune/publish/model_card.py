@@ -159,7 +159,9 @@ def _training_rows(config: dict[str, Any]) -> list[tuple[str, Any]]:
     rows += [(f"train.{k}", t.get(k)) for k in ("epochs", "max_steps", "batch_size", "grad_accum", "lr",
                                                  "schedule", "warmup_steps", "weight_decay", "precision", "seed")]
     if config.get("method") == "lora":
-        rows += [(f"lora.{k}", lora.get(k)) for k in ("r", "alpha", "dropout", "targets", "use_rslora", "bias")]
+        rows += [(f"lora.{k}", lora.get(k)) for k in ("r", "alpha", "dropout", "targets", "use_rslora", "use_dora",
+                                                      "init", "bias")]
+        rows.append(("train.loraplus_ratio", t.get("loraplus_ratio")))
     return [(k, v) for k, v in rows if v is not None]
 
 
