@@ -25,6 +25,21 @@ from qatune.models.config import ModelConfig
 from .fast_ops import explicit_attention, make_dropout
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` that also runs when its (frozen) weight is kept in a lower precision than its input.
+
+    LoRA under bf16 autocast keeps the frozen linear weights in bf16 (`training.build`): autocast would cast
+    them to exactly those values at every step. Outside autocast (generating answers during training) an fp32
+    input meets a bf16 weight: it is cast to the weight's dtype and the output back to the input's, as the
+    weights' precision then implies. Same dtypes: plain `F.linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+            return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """Llama's RMSNorm, computed in fp32 like the reference implementation."""
 
@@ -114,6 +129,38 @@ def attention_mask_4d(
     return mask | (k_pos == q_pos)[None, None]
 
 
+class TokenLayout:
+    """Where the real tokens of a right- or left-padded batch are (`keep`: their flat indices in `[B * T]`).
+
+    The fast path on CPU runs everything that works token by token (embedding, norms, linears, MLP) on those
+    rows only, `[n_real, d]`; attention puts them back into `[B, T, ...]` (`pad`: zero rows at the padding)
+    and takes them out again (`unpad`). Padding positions never reach a labelled position (the attention mask
+    hides them), so the real tokens' values are those of the padded computation; padding rows come out zero
+    instead of the reference's unused values. A batch with no padding gets no layout."""
+
+    def __init__(self, keep: Tensor, batch: int, length: int):
+        self.keep, self.batch, self.length = keep, batch, length
+
+    @staticmethod
+    def of(attention_mask: Tensor | None) -> TokenLayout | None:
+        """The layout of a training/evaluation batch, or None when every position is real (or none is given)."""
+        if attention_mask is None:
+            return None
+        keep = attention_mask.reshape(-1).nonzero().squeeze(1)
+        if keep.numel() == attention_mask.numel():
+            return None
+        return TokenLayout(keep, *attention_mask.shape)
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """`[B, T, ...]` -> the real tokens' rows `[n_real, ...]`."""
+        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.keep)
+
+    def pad(self, rows: Tensor) -> Tensor:
+        """`[n_real, ...]` -> `[B, T, ...]`, zeros at the padding positions."""
+        full = rows.new_zeros(self.batch * self.length, *rows.shape[1:])
+        return full.index_copy(0, self.keep, rows).view(self.batch, self.length, *rows.shape[1:])
+
+
 class Attention(nn.Module):
     """`cpu_kernels=True` (the fast path on CPU): `fast_ops`' dropout, and attention without a KV cache as
     `fast_ops.explicit_attention`; otherwise `nn.Dropout` and SDPA."""
@@ -123,8 +170,8 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.explicit = cpu_kernels
         # q, k and v share one matmul (GPT-2's c_attn; Llama's q/k/v_proj are concatenated on load).
-        self.qkv = nn.Linear(cfg.d_model, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attn_bias)
-        self.o = nn.Linear(cfg.q_size, cfg.d_model, bias=cfg.attn_bias)
+        self.qkv = Linear(cfg.d_model, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attn_bias)
+        self.o = Linear(cfg.q_size, cfg.d_model, bias=cfg.attn_bias)
         self.resid_dropout = make_dropout(cfg.dropout, cpu_kernels)
 
     def forward(
@@ -134,10 +181,14 @@ class Attention(nn.Module):
         mask: Tensor | None,
         kv_cache: KVCache | None,
         layer: int,
+        layout: TokenLayout | None = None,
     ) -> Tensor:
         cfg = self.cfg
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
+        qkv = self.qkv(x)
+        if layout is not None:  # the real tokens' rows back into [B, T, ...] for attention
+            qkv = layout.pad(qkv)
+        b, t, _ = qkv.shape
+        q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
         q = q.view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = k.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         v = v.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
@@ -147,18 +198,25 @@ class Attention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.cached(layer)
             k, v = kv_cache.update(layer, k, v)
+        dropout_p = cfg.attn_dropout if self.training else 0.0
+        if self.explicit and kv_cache is None:  # grouped-query attention without repeating k and v
+            y = explicit_attention(q, k, v, mask, dropout_p)
+            return self._output(y, layout)
         if cfg.n_kv_head != cfg.n_head:  # grouped-query attention: each kv head serves n_head/n_kv_head queries
             k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
             v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
         # Plain causal attention lets SDPA use its fused (flash) kernels; a cached single step sees everything.
         # (Decided on `past`, a Python int: a comparison of shapes would be symbolic under torch.compile.)
         is_causal = mask is None and past == 0
-        dropout_p = cfg.attn_dropout if self.training else 0.0
-        if self.explicit and kv_cache is None:
-            y = explicit_attention(q, k, v, mask, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
-        y = y.transpose(1, 2).reshape(b, t, cfg.q_size)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        return self._output(y, layout)
+
+    def _output(self, y: Tensor, layout: TokenLayout | None) -> Tensor:
+        """Heads `[B, H, T, head_dim]` -> the output projection (of the real tokens only, with a layout)."""
+        b, _, t, _ = y.shape
+        y = y.transpose(1, 2).reshape(b, t, self.cfg.q_size)
+        if layout is not None:
+            y = layout.unpad(y)
         return self.resid_dropout(self.o(y))
 
 
@@ -168,9 +226,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, fast_dropout: bool = False):
         super().__init__()
         self.kind = cfg.mlp
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        self.up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
+        self.down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.dropout = make_dropout(cfg.dropout, fast_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -193,8 +251,8 @@ class Block(nn.Module):
         self.norm_mlp = make_norm(cfg)
         self.mlp = MLP(cfg, cpu_kernels)
 
-    def forward(self, x: Tensor, rope, mask, kv_cache, layer: int) -> Tensor:
-        x = x + self.attn(self.norm_attn(x), rope, mask, kv_cache, layer)
+    def forward(self, x: Tensor, rope, mask, kv_cache, layer: int, layout: TokenLayout | None = None) -> Tensor:
+        x = x + self.attn(self.norm_attn(x), rope, mask, kv_cache, layer, layout)
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -260,14 +318,25 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(position_ids)
         else:
             rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)
-        x = self.embed_dropout(x)
         mask = attention_mask_4d(b, t, past, input_ids.device, attention_mask, doc_ids)
+        layout = self._layout(attention_mask, kv_cache)
+        if layout is not None:
+            x = layout.unpad(x)
+        x = self.embed_dropout(x)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, kv_cache, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, kv_cache, i, layout, use_reentrant=False)
             else:
-                x = block(x, rope, mask, kv_cache, i)
-        return self.norm(x)
+                x = block(x, rope, mask, kv_cache, i, layout)
+        x = self.norm(x)
+        return x if layout is None else layout.pad(x)
+
+    def _layout(self, attention_mask: Tensor | None, kv_cache: KVCache | None) -> TokenLayout | None:
+        """Skip the padding (`TokenLayout`): the CPU fast path without a KV cache, outside `torch.compile` (the
+        real-token count is a data-dependent shape; on CPU finding it costs no device sync)."""
+        if not self.cpu_kernels or kv_cache is not None or torch.compiler.is_compiling():
+            return None
+        return TokenLayout.of(attention_mask)
 
     def forward(self, input_ids: Tensor, **kwargs) -> Tensor:
         """Logits `[B, T, vocab]`. Keyword arguments as `hidden_states`:

@@ -47,17 +47,26 @@ class FastDropout(nn.Dropout):
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
     """softmax(q k^T / sqrt(d), masked) v with the two matmuls in the input dtype (bf16 under autocast, as
     SDPA's CUDA kernels run them) and the softmax in fp32. On CPU, SDPA with dropout falls back to a path that
-    upcasts bf16 to fp32 matmuls (about 8x slower) and draws its mask with `bernoulli_`. `mask`: bool
-    `[B, 1, T, S]`, True = may attend; None = causal."""
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    upcasts bf16 to fp32 matmuls (about 8x slower) and draws its mask with `bernoulli_`; without dropout its
+    flash kernel is still slower here on small heads (measured: benchmarks/README.md). `mask`: bool
+    `[B, 1, T, S]`, True = may attend; None = causal.
+
+    Grouped-query attention (`k`, `v` with fewer heads than `q`) is computed without repeating k and v: the
+    `G` query heads that share a kv head are stacked into one `[G * T, d]` matrix, so each kv head serves them
+    in one larger matmul (no copy of k/v, fewer, larger matmuls)."""
+    b, h, t, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    scores = torch.matmul((q * d**-0.5).reshape(b, kv, g * t, d), k.transpose(-1, -2)).view(b, kv, g, t, s)
     if mask is None:
-        t, s = scores.shape[-2:]
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    else:
+        mask = mask[:, :, None]  # [B, 1, 1, T, S]: the same for every query head of a group
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     if dropout_p > 0:
         probs = fast_dropout(probs, dropout_p)
-    return torch.matmul(probs, v)
+    return torch.matmul(probs.view(b, kv, g * t, s), v).view(b, h, t, d)
 
 
 @torch.library.custom_op("qatune::chunked_lm_loss", mutates_args=())
