@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qatune.data.batching import Feature, collate
+from qatune.data.batching import Feature, collate, to_device
 from qatune.evaluation.loss import model_loss
 from qatune.lora import LoRAConfig, apply_lora
 from qatune.models import decoder as model_mod
@@ -200,3 +200,26 @@ def test_optimised_llama_loss_equals_transformers_llama():
         expected = F.cross_entropy(rows, batch["loss_targets"], reduction="sum")
         got = model_loss(fast.eval(), batch, chunked=True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+
+def test_right_padding_is_read_from_collated_position_ids():
+    """`to_device` drops the mask of a right-padded batch: the layout then comes from its position ids, and
+    only from a numbering collation makes (anything else: every position is computed)."""
+    batch = _padded_batches(1)[0]
+    layout = TokenLayout.of_right_padding(batch["position_ids"])
+    assert layout is not None and torch.equal(layout.keep, batch["attention_mask"].reshape(-1).nonzero()[:, 0])
+    offset = torch.arange(5, 25).expand(2, 20)  # a continuation: positions do not start at 0
+    restart = torch.tensor([[0, 1, 2, 0, 1, 0]])  # positions restarting within a row (packing without doc ids)
+    full = torch.arange(20).expand(2, 20)  # no padding
+    assert all(TokenLayout.of_right_padding(p) is None for p in (offset, restart, full))
+    torch.manual_seed(0)
+    reference = Decoder(_cfg())
+    reference.init_weights(0.1)
+    fast = Decoder(_cfg(), fast_path=True, device="cpu")
+    fast.load_state_dict(reference.state_dict())
+    moved = to_device(batch, CPU)
+    assert "attention_mask" not in moved
+    with torch.no_grad():
+        torch.testing.assert_close(model_loss(fast, moved, chunked=True), model_loss(reference, moved),
+                                   rtol=1e-5, atol=1e-4)

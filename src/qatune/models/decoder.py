@@ -25,21 +25,6 @@ from qatune.models.config import ModelConfig
 from .fast_ops import explicit_attention, make_dropout
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that also runs when its (frozen) weight is kept in a lower precision than its input.
-
-    LoRA under bf16 autocast keeps the frozen linear weights in bf16 (`training.build`): autocast would cast
-    them to exactly those values at every step. Outside autocast (generating answers during training) an fp32
-    input meets a bf16 weight: it is cast to the weight's dtype and the output back to the input's, as the
-    weights' precision then implies. Same dtypes: plain `F.linear`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            bias = None if self.bias is None else self.bias.to(self.weight.dtype)
-            return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
-
-
 class RMSNorm(nn.Module):
     """Llama's RMSNorm, computed in fp32 like the reference implementation."""
 
@@ -136,7 +121,12 @@ class TokenLayout:
     rows only, `[n_real, d]`; attention puts them back into `[B, T, ...]` (`pad`: zero rows at the padding)
     and takes them out again (`unpad`). Padding positions never reach a labelled position (the attention mask
     hides them), so the real tokens' values are those of the padded computation; padding rows come out zero
-    instead of the reference's unused values. A batch with no padding gets no layout."""
+    instead of the reference's unused values. A batch with no padding gets no layout.
+
+    Training batches reach the model without their attention mask when they are right-padded and unpacked
+    (`data.batching.to_device`: the causal mask already hides padding), so the layout is also read from their
+    `position_ids` (`of_right_padding`): collation numbers each row's real tokens 0..n-1 and sets the padding
+    after them to 0."""
 
     def __init__(self, keep: Tensor, batch: int, length: int):
         self.keep, self.batch, self.length = keep, batch, length
@@ -150,6 +140,20 @@ class TokenLayout:
         if keep.numel() == attention_mask.numel():
             return None
         return TokenLayout(keep, *attention_mask.shape)
+
+    @staticmethod
+    def of_right_padding(position_ids: Tensor) -> TokenLayout | None:
+        """The layout of a right-padded batch as collation numbers it: each row's positions are 0..n-1 and then
+        0 for the padding. Any other numbering (an offset, restarts within a row) gets None: every position is
+        then computed, as if real."""
+        columns = torch.arange(position_ids.shape[1], device=position_ids.device)
+        real = position_ids == columns
+        lengths = real.sum(1, keepdim=True)
+        if lengths.min() < 1 or not torch.equal(real, columns < lengths) or bool(position_ids[~real].any()):
+            return None
+        if int(lengths.sum()) == position_ids.numel():
+            return None
+        return TokenLayout(real.reshape(-1).nonzero().squeeze(1), *position_ids.shape)
 
     def unpad(self, x: Tensor) -> Tensor:
         """`[B, T, ...]` -> the real tokens' rows `[n_real, ...]`."""
@@ -170,8 +174,8 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.explicit = cpu_kernels
         # q, k and v share one matmul (GPT-2's c_attn; Llama's q/k/v_proj are concatenated on load).
-        self.qkv = Linear(cfg.d_model, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attn_bias)
-        self.o = Linear(cfg.q_size, cfg.d_model, bias=cfg.attn_bias)
+        self.qkv = nn.Linear(cfg.d_model, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attn_bias)
+        self.o = nn.Linear(cfg.q_size, cfg.d_model, bias=cfg.attn_bias)
         self.resid_dropout = make_dropout(cfg.dropout, cpu_kernels)
 
     def forward(
@@ -226,9 +230,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, fast_dropout: bool = False):
         super().__init__()
         self.kind = cfg.mlp
-        self.up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
-        self.down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.dropout = make_dropout(cfg.dropout, fast_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -307,6 +311,7 @@ class Decoder(nn.Module):
         cfg = self.config
         b, t = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        layout = self._layout(attention_mask, position_ids, doc_ids, kv_cache)
         if position_ids is None:
             if attention_mask is not None:  # left padding: real tokens count from 0
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
@@ -319,7 +324,6 @@ class Decoder(nn.Module):
         else:
             rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)
         mask = attention_mask_4d(b, t, past, input_ids.device, attention_mask, doc_ids)
-        layout = self._layout(attention_mask, kv_cache)
         if layout is not None:
             x = layout.unpad(x)
         x = self.embed_dropout(x)
@@ -331,12 +335,18 @@ class Decoder(nn.Module):
         x = self.norm(x)
         return x if layout is None else layout.pad(x)
 
-    def _layout(self, attention_mask: Tensor | None, kv_cache: KVCache | None) -> TokenLayout | None:
+    def _layout(self, attention_mask: Tensor | None, position_ids: Tensor | None, doc_ids: Tensor | None,
+                kv_cache: KVCache | None) -> TokenLayout | None:
         """Skip the padding (`TokenLayout`): the CPU fast path without a KV cache, outside `torch.compile` (the
-        real-token count is a data-dependent shape; on CPU finding it costs no device sync)."""
+        real-token count is a data-dependent shape; on CPU finding it costs no device sync). The padding is
+        known from the attention mask, else from a right-padded batch's position ids."""
         if not self.cpu_kernels or kv_cache is not None or torch.compiler.is_compiling():
             return None
-        return TokenLayout.of(attention_mask)
+        if attention_mask is not None:
+            return TokenLayout.of(attention_mask)
+        if position_ids is not None and doc_ids is None:
+            return TokenLayout.of_right_padding(position_ids)
+        return None
 
     def forward(self, input_ids: Tensor, **kwargs) -> Tensor:
         """Logits `[B, T, vocab]`. Keyword arguments as `hidden_states`:

@@ -21,6 +21,26 @@ import torch
 from torch import Tensor, nn
 
 
+def store_frozen_linear_in(linear: nn.Linear, dtype: torch.dtype) -> None:
+    """Keep a frozen linear layer's weights in `dtype` (LoRA's base under autocast to that dtype).
+
+    Under autocast the matmul sees exactly the values autocast would have cast the fp32 weights to. Outside
+    autocast (answers generated during training) an input of another dtype is cast to the weights' dtype by a
+    forward pre-hook; the layer's output is then in that dtype, as the weights' precision implies. The layer
+    stays an `nn.Linear`. Trainable parameters are left as they are."""
+    for p in linear.parameters(recurse=False):
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    linear.register_forward_pre_hook(_input_to_weight_dtype)
+
+
+def _input_to_weight_dtype(linear: nn.Linear, args: tuple) -> tuple | None:
+    x = args[0]
+    if x.dtype != linear.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return (x.to(linear.weight.dtype), *args[1:])
+    return None
+
+
 def make_dropout(p: float, fast: bool) -> nn.Dropout:
     """The dropout module of a model built with (`fast`: the fast path, for the CPU) or without `FastDropout`."""
     return FastDropout(p) if fast else nn.Dropout(p)

@@ -17,8 +17,8 @@ from qatune.data.readers import DataReport, QAExample, load_examples, split_trai
 from qatune.errors import ConfigError, DataError
 from qatune.evaluation.loss import model_loss
 from qatune.lora.inject import apply_lora
-from qatune.models.decoder import Linear
 from qatune.models.device import usable_device
+from qatune.models.fast_ops import store_frozen_linear_in
 from qatune.models.loading import load_base_model, parse_dtype
 from qatune.training.config import DataSection, RunConfig
 from qatune.training.hf_backend import HFCausalLM, apply_peft_lora, load_hf_model
@@ -147,21 +147,19 @@ def frozen_linear_dtype(cfg: RunConfig) -> torch.dtype | None:
 
 
 def keep_frozen_linears_low(model: nn.Module, precision: str) -> None:
-    """Under bf16/fp16 autocast, store the frozen weights of the blocks' linear layers in that dtype.
+    """Under bf16/fp16 autocast, store the frozen weights of the blocks' linear layers in that dtype
+    (`fast_ops.store_frozen_linear_in`).
 
     Autocast casts an fp32 weight to its dtype at every forward (and keeps the cast for backward): stored in
     that dtype, the matmuls see exactly the same values, so losses are unchanged, while the weights take half
     the memory and the per-step casts and their saved copies disappear. The token embedding (tied to the LM
-    head, and looked up in fp32), the norms and every trainable weight stay fp32; outside autocast these
-    layers cast their input (`models.decoder.Linear`). fp32 precision: nothing changes."""
+    head, and looked up in fp32), the norms and every trainable weight stay fp32. fp32: nothing changes."""
     dtype = PRECISIONS.get(precision)
     if dtype is None:
         return
-    for module in model.modules():
-        if isinstance(module, Linear):
-            for p in module.parameters(recurse=False):
-                if not p.requires_grad:
-                    p.data = p.data.to(dtype)
+    for name, module in model.named_modules():
+        if name.startswith("blocks.") and isinstance(module, nn.Linear):
+            store_frozen_linear_in(module, dtype)
 
 
 class LossModule(nn.Module):
