@@ -189,8 +189,9 @@ class Attention(nn.Module):
     ) -> Tensor:
         cfg = self.cfg
         qkv = self.qkv(x)
-        if layout is not None:  # the real tokens' rows back into [B, T, ...] for attention
-            qkv = layout.pad(qkv)
+        if layout is not None:  # rotate the real tokens' rows, then put them back into [B, T, ...]
+            qkv = layout.pad(qkv if rope is None else self._rotate_rows(qkv, rope))
+            rope = None
         b, t, _ = qkv.shape
         q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
         q = q.view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)
@@ -214,6 +215,14 @@ class Attention(nn.Module):
         is_causal = mask is None and past == 0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         return self._output(y, layout)
+
+    def _rotate_rows(self, qkv: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """RoPE on the q and k of real-token rows `[n, q + 2 kv]` (`rope`: their cos/sin, `[n, 1, head_dim]`)."""
+        cfg, n = self.cfg, qkv.shape[0]
+        q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
+        q = apply_rope(q.view(n, cfg.n_head, cfg.head_dim), *rope).reshape(n, cfg.q_size)
+        k = apply_rope(k.view(n, cfg.n_kv_head, cfg.head_dim), *rope).reshape(n, cfg.kv_size)
+        return torch.cat((q, k, v), dim=-1)
 
     def _output(self, y: Tensor, layout: TokenLayout | None) -> Tensor:
         """Heads `[B, H, T, head_dim]` -> the output projection (of the real tokens only, with a layout)."""
@@ -326,6 +335,8 @@ class Decoder(nn.Module):
         mask = attention_mask_4d(b, t, past, input_ids.device, attention_mask, doc_ids)
         if layout is not None:
             x = layout.unpad(x)
+            if rope is not None:  # cos/sin `[B, 1, T, head_dim]` -> the real tokens' `[n, 1, head_dim]`
+                rope = tuple(layout.unpad(r.squeeze(1))[:, None] for r in rope)
         x = self.embed_dropout(x)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
