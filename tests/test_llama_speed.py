@@ -18,6 +18,7 @@ from qatune.data.batching import Feature, collate, to_device
 from qatune.evaluation.loss import model_loss
 from qatune.lora import LoRAConfig, apply_lora
 from qatune.models import decoder as model_mod
+from qatune.models import fast_ops
 from qatune.models.config import from_hf_config
 from qatune.models.decoder import Decoder, TokenLayout
 from qatune.models.fast_ops import explicit_attention
@@ -223,3 +224,26 @@ def test_right_padding_is_read_from_collated_position_ids():
     with torch.no_grad():
         torch.testing.assert_close(model_loss(fast, moved, chunked=True), model_loss(reference, moved),
                                    rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_swiglu_and_dropout_equal_autograd_bit_for_bit(dtype):
+    """`fast_ops.swiglu` and `fast_dropout` keep less for backward; forward and backward values are autograd's."""
+    torch.manual_seed(0)
+    gate, up, grad = torch.randn(3, 5, 40).to(dtype).unbind(0)
+    outputs = []
+    for f in (lambda g, u: F.silu(g) * u, fast_ops.swiglu):
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        y = f(g, u)
+        y.backward(grad)
+        outputs.append((y, g.grad, u.grad))
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
+    x = torch.randn(50, 40).to(dtype).requires_grad_()
+    torch.manual_seed(1)
+    y = fast_ops.fast_dropout(x, 0.1)
+    y.backward(grad.repeat(10, 1))
+    torch.manual_seed(1)
+    scaled_keep = (torch.rand(x.shape) >= 0.1).to(dtype).mul_(1 / 0.9)  # the mask as it was formed before
+    assert torch.equal(y, x.detach() * scaled_keep)
+    assert torch.equal(x.grad, grad.repeat(10, 1) * scaled_keep)

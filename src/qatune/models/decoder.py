@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from qatune.models.config import ModelConfig
 
-from .fast_ops import explicit_attention, make_dropout
+from .fast_ops import explicit_attention, make_dropout, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -234,7 +234,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2: down(act(up(x))). Llama (SwiGLU): down(silu(gate(x)) * up(x)). `fast_dropout`: `fast_ops`' dropout."""
+    """GPT-2: down(act(up(x))). Llama (SwiGLU): down(silu(gate(x)) * up(x)). `fast_dropout` (the CPU fast path):
+    `fast_ops`' dropout and SwiGLU."""
 
     def __init__(self, cfg: ModelConfig, fast_dropout: bool = False):
         super().__init__()
@@ -243,9 +244,12 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.dropout = make_dropout(cfg.dropout, fast_dropout)
+        self.lean = fast_dropout  # the CPU fast path: `fast_ops.swiglu`, which keeps less for backward
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate is not None:
+        if self.gate is not None and self.lean:
+            h = swiglu(self.gate(x), self.up(x))
+        elif self.gate is not None:
             h = F.silu(self.gate(x)) * self.up(x)
         elif self.kind == "gelu_tanh":
             h = F.gelu(self.up(x), approximate="tanh")

@@ -18,6 +18,7 @@ stream), as with any change of kernel (tests/test_fast_path.py).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -49,9 +50,45 @@ def make_dropout(p: float, fast: bool) -> nn.Dropout:
 def fast_dropout(x: Tensor, p: float) -> Tensor:
     """Inverted dropout with the keep-mask drawn by `torch.rand` (vectorised on CPU, unlike `bernoulli_`) and
     scaled once, so forward and backward are one multiply each. Same distribution as `F.dropout`, another
-    random stream."""
-    scaled_keep = (torch.rand(x.shape, device=x.device) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
-    return x * scaled_keep
+    random stream. Backward keeps the mask as booleans (`_ScaledKeep`), a quarter of an fp32 mask."""
+    return _ScaledKeep.apply(x, torch.rand(x.shape, device=x.device) >= p, 1.0 / (1.0 - p))
+
+
+class _ScaledKeep(torch.autograd.Function):
+    """`x * keep * scale`, with `keep * scale` formed in `x`'s dtype (forward and backward alike)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep.to(x.dtype).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * keep.to(grad.dtype).mul_(ctx.scale), None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """`silu(gate) * up` keeping only `gate` and `up` for backward (autograd also keeps `silu(gate)`, one more
+    `[tokens, d_ff]` tensor per layer); backward recomputes it. The same values as autograd's, op for op."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """`F.silu(gate) * up` with less kept for backward (`_SwiGLU`)."""
+    return _SwiGLU.apply(gate, up)
 
 
 class FastDropout(nn.Dropout):
