@@ -270,8 +270,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         runs = [Measurement("/".join(x for x in (shape, method, backend, strategy) if x), shape, method, backend,
                             strategy)
                 for method, backend, strategy in itertools.product(cfg.methods, cfg.backends, _strategies(cfg))]
-        if isolate:
-            measure_in_processes(runs, cfg, hf_config)
+        if isolate:  # one method at a time: its backends alternate, and fewer processes are resident at once
+            for method in cfg.methods:
+                measure_in_processes([r for r in runs if r.method == method], cfg, hf_config)
         else:
             measure_in_process(runs, cfg, device, hf_config)
         results += [summarise(r, peak, cfg.real_data is None) for r in runs]
