@@ -10,8 +10,8 @@ Attention runs through `scaled_dot_product_attention`. With no padding, no packi
 This file is the reference, and it computes logits and nothing else: the training loss (over labelled positions
 only) is `evaluation.loss.next_token_loss`, fed `hidden_states` and `lm_head.weight`. `Decoder(cfg,
 fast_path=True)` marks the model for the fast path of `fast_ops.py` and, on CPU, swaps in its dropout and
-attention kernels, chosen once when the model is built (never by a branch on the device in `forward`); they
-change how, never what, is computed.
+attention kernels, chosen once when the model is built (never by a branch on the device in `forward`), and
+skips the padding of training batches (`TokenLayout`); they change how, never what, is computed.
 """
 
 from __future__ import annotations

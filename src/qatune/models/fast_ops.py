@@ -8,8 +8,12 @@
   materialised, and the gradient is formed while the chunk is hot in cache;
 - CPU only: dropout draws its mask with one vectorised `torch.rand` (`FastDropout`), and attention without a
   KV cache runs as explicit low-precision matmuls (`explicit_attention`) instead of SDPA's CPU fallback, which
-  upcasts to fp32 and draws its dropout mask with `bernoulli_`. On CUDA, SDPA (flash) and fused dropout are
-  kept. Which kernels run is decided when the model is built, for the device it is built on.
+  upcasts to fp32 and draws its dropout mask with `bernoulli_`; grouped-query attention serves the query
+  heads of each kv head in one matmul, without repeating k and v. SwiGLU (`swiglu`) and dropout keep less for
+  backward. `decoder.TokenLayout` (also CPU only) runs token-wise work on the real tokens of a padded batch.
+  On CUDA, SDPA (flash) and fused dropout are kept. Which kernels run is decided when the model is built, for
+  the device it is built on.
+- `store_frozen_linear_in`: LoRA's frozen linear weights held in the autocast dtype (`training.build`).
 
 Losses agree with the reference within low-precision rounding; with dropout the masks differ (another random
 stream), as with any change of kernel (tests/test_fast_path.py).
