@@ -21,13 +21,16 @@
 #   agreement      fast path vs eager, 50 bf16 training steps, gpt2 full + lora + dora, dropout off ~60 s
 #   eager          gpt2, gpt2-medium, gpt2-large x {full, lora} x {native, native-fast, hf}       ~90 s
 #   dora           gpt2 x {lora, dora} x {native, native-fast, hf}: native DoRA vs peft's DoRA    ~45 s
+#   smollm2        the SmolLM2-135M (Llama) shape, random weights, {full, lora} x {native,
+#                  native-fast, hf}, 16 x 512 bf16                                                ~45 s
+#   smollm2-agreement  its fast path vs eager, 20 bf16 steps, dropout off                        ~20 s
 #   eager-xl-full  gpt2-xl full (own process: 3 full copies + Adam state ~ 75 GiB)                ~60 s
 #   eager-xl-lora  gpt2-xl lora                                                                   ~45 s
 #   triviaqa       pad-to-longest / dynamic / packing, gpt2 full + lora                           ~60 s
 #   compile-gpt2   gpt2 x {full, lora} x {native, hf, hf-compile, native-compile}                 ~180 s
 #   e2e            as triviaqa, lora only                                                         ~45 s
 #   compile-gpt2-medium, compile-gpt2-large, compile-gpt2-xl                                      ~200-300 s each
-# All: about 10 min before the compile runs of the three larger shapes, which do not fit one call. A section
+# All: about 11 min before the compile runs of the three larger shapes, which do not fit one call. A section
 # whose estimate exceeds the time left is skipped (and says so); SECTIONS="compile-gpt2-medium ..." runs only
 # the named ones (a second call, if device time is left).
 set -u
@@ -69,6 +72,8 @@ section sdpa 45 "${PYCHECK[@]}" "$WORK/sdpa.json" "sdpa_kernels('cuda', 'bf16')"
 section agreement 60 "${PYCHECK[@]}" "$WORK/agreement.json" "fast_path_agreement('gpt2', ('full', 'lora', 'dora'), steps=50, batch=8, seq=512, device='cuda')"
 section eager 90 "${BENCH[@]}" --shapes gpt2,gpt2-medium,gpt2-large --methods full,lora --backends native,native-fast,hf --json "$WORK/eager.json"
 section dora 45 "${BENCH[@]}" --shapes gpt2 --methods lora,dora --backends native,native-fast,hf --json "$WORK/dora.json"
+section smollm2 45 "${BENCH[@]}" --shapes smollm2-135m --methods full,lora --backends native,native-fast,hf --json "$WORK/smollm2.json"
+section smollm2-agreement 20 "${PYCHECK[@]}" "$WORK/smollm2-agreement.json" "fast_path_agreement('smollm2-135m', steps=20, batch=8, seq=512, device='cuda')"
 section eager-xl-full 60 "${BENCH[@]}" --shapes gpt2-xl --methods full --backends native,native-fast,hf --json "$WORK/eager-xl-full.json"
 section eager-xl-lora 45 "${BENCH[@]}" --shapes gpt2-xl --methods lora --backends native,native-fast,hf --json "$WORK/eager-xl-lora.json"
 section triviaqa 60 "${BENCH[@]}" --steps 10 --shapes gpt2 --methods full,lora --backends native,native-fast,hf --real-data "$SHARED/data/triviaqa/triviaqa_sm_sub.jsonl" --tokenizer "$SHARED/tokenizers/gpt2" --json "$WORK/triviaqa.json"

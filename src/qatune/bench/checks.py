@@ -13,9 +13,10 @@ from torch.profiler import ProfilerActivity, profile
 from qatune.bench.setups import (
     build_hf,
     build_native,
-    gpt2_config,
     make_step,
+    native_config,
     random_native_state,
+    shape_config,
     sync,
     synthetic_batch,
 )
@@ -31,10 +32,10 @@ def fast_path_agreement(shape: str = "gpt2", methods: tuple[str, ...] = ("full",
     batches cycled, so the loss falls), every dropout off: with dropout the fast path draws other masks, by
     design. Returns the per-step losses and their largest relative gap, per method."""
     dev = pick_device(device, Dist())
-    hf_config = gpt2_config(shape, n_layer, seq)
-    hf_config.resid_pdrop = hf_config.embd_pdrop = hf_config.attn_pdrop = 0.0
+    hf_config = {**shape_config(shape, n_layer, seq), "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                 "attention_dropout": 0.0}
     state = random_native_state(hf_config, dev, seed)
-    data = [synthetic_batch(batch, seq, seed + i) for i in range(4)]
+    data = [synthetic_batch(batch, seq, seed + i, native_config(hf_config).vocab_size) for i in range(4)]
     for b in data:
         b["labels"][:, : seq // 2] = -100  # a prompt half without labels, as answer-only QA
         b.update(label_positions(b["labels"]))
@@ -43,7 +44,8 @@ def fast_path_agreement(shape: str = "gpt2", methods: tuple[str, ...] = ("full",
     for method in methods:
         losses = {}
         for backend in ("native", "native-fast"):
-            model = build_native(hf_config, state, dev, method, fast_path=backend == "native-fast")
+            model = build_native(hf_config, state, dev, method, fast_path=backend == "native-fast",
+                                 precision=precision)
             for module in model.modules():  # LoRA's dropout too
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
@@ -62,9 +64,9 @@ def sdpa_kernels(device: str = "auto", precision: str = "bf16", seq: int = 512) 
 
 
     dev = pick_device(device, Dist())
-    hf_config = gpt2_config("gpt2", 2, seq)
+    hf_config = shape_config("gpt2", 2, seq)
     state = random_native_state(hf_config, dev, 0)
-    batch = synthetic_batch(4, seq, 0)
+    batch = synthetic_batch(4, seq, 0, native_config(hf_config).vocab_size)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     pattern = ("flash", "efficient", "scaled_dot_product", "sdp", "fmha", "attention")
     out: dict[str, Any] = {"device": str(dev), "precision": precision}

@@ -1,8 +1,11 @@
-"""`qatune bench`: training throughput of the native backend against transformers (+ peft), in one process.
+"""`qatune bench`: training throughput and memory of the native backend against transformers (+ peft).
 
-Every configuration (shape x method x backend [x data strategy]) is built first, from the same random weights,
-warmed up, and then measured in rounds: one step of each configuration per round, so that a change in the
-machine's speed during the run (clock, thermal state, other jobs) affects all of them alike. One step is what
+Every configuration (shape x method x backend [x data strategy]) is built first, from the same weights (seeded
+random, or SmolLM2's real ones with `weights="real"`), warmed up, and then measured in rounds: one step of each
+configuration per round, so that a change in the machine's speed during the run (clock, thermal state, other
+jobs) affects all of them alike. On CPU each configuration runs in a process of its own (`isolated.py`; the
+parent still alternates them), so that each one's whole-process peak RSS is known; on CUDA (or with
+`isolate=False`) they share this process. One step is what
 `train_model` does per micro-batch: forward under autocast, backward, AdamW step (fused on CUDA), zero_grad.
 
 Backends: `native` (the reference eager path of `models/decoder.py`), `native-fast` (`Decoder(fast_path=True)`,
@@ -13,8 +16,8 @@ with its eager twin (`compile_ratios`), measured side by side in the same rounds
 
 Reported per configuration: non-padding tokens/s (total tokens / total step time), step time (median, min, max,
 raw list), peak memory (CUDA: `max_memory_allocated` during its warm-up, minus what was allocated before it was
-built, so other configurations resident in the process do not count; CPU: not measured -- the process RSS cannot
-be split between configurations and tracemalloc does not see tensor memory), and MFU.
+built, so other configurations resident in the process do not count; CPU: the peak RSS of the configuration's
+own process, `peak_rss_bytes`, imports and weight loading included, as for a `qatune train` process), and MFU.
 
 MFU = achieved model FLOP/s / peak FLOP/s, where peak is a large matmul in the run's precision measured on the
 same device at start-up (not the datasheet number), and model FLOPs per token are (PaLM convention, causal
@@ -43,29 +46,36 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import Tensor, nn
 
+from qatune.bench.isolated import Child, ChildError, answer, peak_rss_bytes
 from qatune.bench.setups import (
     LORA,
+    REAL_WEIGHTS,
     BenchConfig,
     attention_flops,
     build_hf,
     build_native,
-    gpt2_config,
+    load_native_real,
     make_step,
     matmul_params,
     model_flops_per_token,
+    native_config,
     random_native_state,
     real_data_batches,
+    real_native_state,
     row_documents,
+    shape_config,
     sync,
     synthetic_batch,
 )
@@ -96,6 +106,7 @@ class Measurement:
     losses: list[float] = field(default_factory=list)
     attention_flops: list[float] = field(default_factory=list)
     peak_memory_bytes: int | None = None
+    peak_rss_bytes: int | None = None  # whole child process (`isolated.py`), when each configuration has one
     error: str | None = None
     skipped: str | None = None
 
@@ -139,7 +150,7 @@ def build_and_warm(run: Measurement, builder: Callable[[], nn.Module], cfg: Benc
         logger.warning(f"  failed: {run.error}")
 
 
-def measure(runs: list[Measurement], cfg: BenchConfig, device: torch.device, hf_config) -> None:
+def measure(runs: list[Measurement], cfg: BenchConfig, device: torch.device, hf_config: dict[str, Any]) -> None:
     """`steps` rounds; in each, one step of every live configuration, in turn."""
     live = [r for r in runs if r.step_fn is not None]
     for round_ in range(cfg.steps):
@@ -147,15 +158,24 @@ def measure(runs: list[Measurement], cfg: BenchConfig, device: torch.device, hf_
             if run.error:
                 continue
             try:
-                seconds, loss, batch = timed_step(run, device)
+                record_step(run, measured_step(run, device, hf_config))
             except Exception as e:  # noqa: BLE001
                 run.error = f"{type(e).__name__} while measuring: {e}"[:500]
-                continue
-            run.times_s.append(seconds)
-            run.losses.append(loss)
-            run.tokens.append(int(batch["attention_mask"].sum()))
-            run.attention_flops.append(attention_flops(hf_config, row_documents(batch)))
         logger.info(f"round {round_ + 1}/{cfg.steps} done")
+
+
+def measured_step(run: Measurement, device: torch.device, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """One timed step and what it counts: seconds, loss, non-padding tokens, attention FLOPs."""
+    seconds, loss, batch = timed_step(run, device)
+    return {"seconds": seconds, "loss": loss, "tokens": int(batch["attention_mask"].sum()),
+            "attention_flops": attention_flops(hf_config, row_documents(batch))}
+
+
+def record_step(run: Measurement, step: dict[str, Any]) -> None:
+    run.times_s.append(step["seconds"])
+    run.losses.append(step["loss"])
+    run.tokens.append(step["tokens"])
+    run.attention_flops.append(step["attention_flops"])
 
 
 def summarise(run: Measurement, peak_flops: float | None, synthetic: bool) -> dict[str, Any]:
@@ -163,7 +183,7 @@ def summarise(run: Measurement, peak_flops: float | None, synthetic: bool) -> di
         "name": run.name, "shape": run.shape, "method": run.method, "backend": run.backend,
         "strategy": run.strategy, "params": run.params, "error": run.error, "skipped": run.skipped,
         "warmup_s": run.warmup_s, "times_s": run.times_s, "tokens": run.tokens, "losses": run.losses,
-        "peak_memory_bytes": run.peak_memory_bytes,
+        "peak_memory_bytes": run.peak_memory_bytes, "peak_rss_bytes": run.peak_rss_bytes,
     }
     if run.times_s:
         total_time = sum(run.times_s)
@@ -180,16 +200,20 @@ def summarise(run: Measurement, peak_flops: float | None, synthetic: bool) -> di
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """tokens/s of each native backend over each baseline, within one (shape, method, strategy)."""
+    """tokens/s of each native backend over each baseline, within one (shape, method, strategy); and its peak
+    memory over the baseline's (whole-process RSS with one process per configuration, else CUDA's)."""
     out = []
     key = lambda r: (r["shape"], r["method"], r["strategy"])
     for group_key, group in itertools.groupby(sorted(results, key=lambda r: tuple(map(str, key(r)))), key=key):
         group = [r for r in group if r.get("tokens_per_s")]
         for a in (r for r in group if r["backend"].startswith("native")):
             for b in (r for r in group if r["backend"].startswith("hf")):
+                memory = next(((a[k] / b[k], k) for k in ("peak_rss_bytes", "peak_memory_bytes")
+                               if a.get(k) and b.get(k)), (None, None))
                 out.append({"shape": group_key[0], "method": group_key[1], "strategy": group_key[2],
                             "native": a["backend"], "baseline": b["backend"],
-                            "ratio": a["tokens_per_s"] / b["tokens_per_s"]})
+                            "ratio": a["tokens_per_s"] / b["tokens_per_s"],
+                            "memory_ratio": memory[0], "memory_measure": memory[1]})
     return out
 
 
@@ -232,51 +256,38 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the benchmark described by `cfg`; returns the JSON-ready results."""
-
-
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device, Dist())
+    isolate = cfg.isolate if cfg.isolate is not None else device.type == "cpu"
     machine = machine_info(device)  # at the start: the date and load average of the run's beginning
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     peak = measure_peak_flops(device, dtype)
     logger.info(f"device {device}, measured {cfg.precision} matmul peak {peak / 1e12:.2f} TFLOP/s")
-    data_info = None
-    if cfg.real_data:
-        strategy_batches, data_info = real_data_batches(cfg)
-    else:
-        strategy_batches = {None: [synthetic_batch(cfg.batch, cfg.seq, cfg.seed)] * (cfg.warmup + cfg.steps)}
+    data_info = real_data_batches(cfg)[1] if cfg.real_data else None
     results = []
     # One shape at a time: the largest shapes' configurations would not all fit at once; within a shape
     # every configuration is resident and measured in alternation.
     for shape in cfg.shapes:
-        hf_config = gpt2_config(shape, cfg.n_layer, cfg.seq)
-        state = random_native_state(hf_config, device, cfg.seed)
-        runs = []
-        for method, backend, strategy in itertools.product(cfg.methods, cfg.backends, strategy_batches):
-            name = "/".join(x for x in (shape, method, backend, strategy) if x)
-            run = Measurement(name, shape, method, backend, strategy)
-            build_and_warm(run, lambda m=method, b=backend, s=state, h=hf_config: _build(b, h, s, device, m), cfg,
-                           device, strategy_batches[strategy])
-            if run.error:  # free what the failed configuration allocated (peft models hold reference cycles)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            runs.append(run)
-        measure(runs, cfg, device, hf_config)
+        hf_config = shape_config(shape, cfg.n_layer, cfg.seq, cfg.weights)
+        runs = [Measurement("/".join(x for x in (shape, method, backend, strategy) if x), shape, method, backend,
+                            strategy)
+                for method, backend, strategy in itertools.product(cfg.methods, cfg.backends, _strategies(cfg))]
+        if isolate:  # one method at a time: its backends alternate, and fewer processes are resident at once
+            for method in cfg.methods:
+                measure_in_processes([r for r in runs if r.method == method], cfg, hf_config)
+        else:
+            measure_in_process(runs, cfg, device, hf_config)
         results += [summarise(r, peak, cfg.real_data is None) for r in runs]
-        del runs, state
-        gc.collect()
-        torch._dynamo.reset()  # compiled graphs of this shape are not needed again (and count toward limits)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return {
         "machine": machine,
-        "config": {**cfg.__dict__, "lora": LORA},
+        "config": {**cfg.__dict__, "isolate": isolate, "lora": LORA},
         "peak_flops": peak,
-        "peak_memory_note": None if device.type == "cuda" else
-        "CPU: not measured (process RSS cannot be attributed to one configuration; tracemalloc misses tensors)",
+        "peak_memory_note": "CPU: whole-process peak RSS (VmHWM) of each configuration's own process "
+        "(peak_rss_bytes)" if isolate else "CUDA: max_memory_allocated during warm-up (peak_memory_bytes)"
+        if device.type == "cuda" else "CPU, one process: not measured (process RSS cannot be attributed to one "
+        "configuration; tracemalloc misses tensors)",
         "real_data": data_info,
         "results": results,
         "ratios": ratios(results),
@@ -285,7 +296,127 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
-def _build(backend: str, hf_config, state: dict[str, Tensor], device: torch.device, method: str) -> nn.Module:
-    if backend.startswith("hf"):
-        return build_hf(hf_config, state, device, method)
-    return build_native(hf_config, state, device, method, fast_path=backend.startswith("native-fast"))
+def _strategies(cfg: BenchConfig) -> list[str | None]:
+    return list(cfg.strategies) if cfg.real_data else [None]
+
+
+def bench_batches(cfg: BenchConfig, hf_config: dict[str, Any]) -> dict[str | None, list[dict[str, Tensor]]]:
+    """The batches of every strategy (real data), or the one synthetic batch repeated."""
+    if cfg.real_data:
+        return real_data_batches(cfg)[0]
+    batch = synthetic_batch(cfg.batch, cfg.seq, cfg.seed, native_config(hf_config).vocab_size)
+    return {None: [batch] * (cfg.warmup + cfg.steps)}
+
+
+def measure_in_process(runs: list[Measurement], cfg: BenchConfig, device: torch.device,
+                       hf_config: dict[str, Any]) -> None:
+    """Every configuration built in this process (each from its own copy of one weight set), then measured."""
+    strategy_batches = bench_batches(cfg, hf_config)
+    state = (real_native_state(runs[0].shape, device) if cfg.weights == "real"
+             else random_native_state(hf_config, device, cfg.seed))
+    for run in runs:
+        build_and_warm(run, lambda r=run, s=state: _build(r, cfg, hf_config, s, device, copy=True), cfg, device,
+                       strategy_batches[run.strategy])
+        if run.error:  # free what the failed configuration allocated (peft models hold reference cycles)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    measure(runs, cfg, device, hf_config)
+    for run in runs:
+        run.step_fn = run.batches = None
+    del state
+    gc.collect()
+    torch._dynamo.reset()  # compiled graphs of this shape are not needed again (and count toward limits)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_in_processes(runs: list[Measurement], cfg: BenchConfig, hf_config: dict[str, Any]) -> None:
+    """Each configuration in its own process (`isolated.py`), built one after the other, then measured in
+    alternation: one step of each per round; at the end each reports its peak RSS."""
+    children: list[tuple[Measurement, Child]] = []
+    try:
+        for run in runs:
+            logger.info(f"starting {run.name} in its own process")
+            child = Child({"name": run.name, "shape": run.shape, "method": run.method, "backend": run.backend,
+                           "strategy": run.strategy, "config": cfg.__dict__})
+            children.append((run, child))
+            try:
+                ready = child.start()
+            except ChildError as e:
+                run.error = str(e)
+                continue
+            for key in ("params", "flops_per_token", "warmup_s", "error", "skipped"):
+                setattr(run, key, ready[key])
+        for round_ in range(cfg.steps):
+            for run, child in children:
+                if run.error is None and run.skipped is None:
+                    _child_step(run, child)
+            logger.info(f"round {round_ + 1}/{cfg.steps} done")
+        for run, child in children:
+            if child.process.poll() is None:
+                run.peak_rss_bytes = child.request({"op": "stop"}).get("peak_rss_bytes")
+    finally:
+        for _, child in children:
+            child.close()
+
+
+def _child_step(run: Measurement, child: Child) -> None:
+    try:
+        step = child.request({"op": "step"})
+    except ChildError as e:
+        run.error = str(e)
+        return
+    if step.get("error"):
+        run.error = step["error"]
+    else:
+        record_step(run, step)
+
+
+def child_main(requests: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+    """A configuration's own process (`python -m qatune.bench.runner`, started by `isolated.Child`): build and
+    warm up what the first request describes, then one measured step per `step` request; `stop` answers the
+    process's peak RSS."""
+    spec = json.loads(requests.readline())
+    cfg = BenchConfig(**spec["config"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device, Dist())
+    hf_config = shape_config(spec["shape"], cfg.n_layer, cfg.seq, cfg.weights)
+    run = Measurement(spec["name"], spec["shape"], spec["method"], spec["backend"], spec["strategy"])
+    batches = bench_batches(cfg, hf_config)[run.strategy]
+    build_and_warm(run, lambda: _build(run, cfg, hf_config, None, device, copy=False), cfg, device, batches)
+    answer(out, {"params": run.params, "flops_per_token": run.flops_per_token, "warmup_s": run.warmup_s,
+                 "error": run.error, "skipped": run.skipped})
+    for line in requests:
+        request = json.loads(line)
+        if request["op"] == "stop":
+            answer(out, {"peak_rss_bytes": peak_rss_bytes()})
+            return
+        try:
+            answer(out, measured_step(run, device, hf_config))
+        except Exception as e:  # noqa: BLE001 -- recorded in the results, the other configurations go on
+            answer(out, {"error": f"{type(e).__name__} while measuring: {e}"[:500]})
+
+
+def _build(run: Measurement, cfg: BenchConfig, hf_config: dict[str, Any], state: dict[str, Tensor] | None,
+           device: torch.device, copy: bool) -> nn.Module:
+    """The configuration's model from `state` (copied with `copy`), or from its own weights when `state` is
+    None (a child process: the seeded random weights, or the real ones, which the hf backend loads through
+    transformers as `qatune train backend=hf` does)."""
+    real = cfg.weights == "real"
+    fast_path = run.backend.startswith("native-fast")
+    if real and state is None:
+        if run.backend.startswith("hf"):
+            return build_hf(hf_config, None, device, run.method, source=REAL_WEIGHTS[run.shape])
+        return load_native_real(run.shape, device, run.method, fast_path, cfg.precision)
+    if state is None:
+        state = real_native_state(run.shape, device) if real else random_native_state(hf_config, device, cfg.seed)
+    if run.backend.startswith("hf"):
+        return build_hf(hf_config, state, device, run.method, copy=copy)
+    return build_native(hf_config, state, device, run.method, fast_path=fast_path, precision=cfg.precision,
+                        copy=copy)
+
+
+if __name__ == "__main__":
+    child_main()

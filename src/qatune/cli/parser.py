@@ -161,7 +161,12 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="training throughput: native vs transformers(+peft), measured alternately",
                        description="Random-initialised GPT-2 shapes, every configuration in one process, measured "
                                    "in alternating rounds. See benchmarks/README.md.")
-    p.add_argument("--shapes", default="gpt2", help="comma list of tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    p.add_argument("--shapes", default="gpt2", help="comma list of tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                   "tiny-llama, smollm2-135m")
+    p.add_argument("--weights", default="random", choices=["random", "real"],
+                   help="real: the shape's released weights (smollm2-135m: the installed SmolLM2-135M-Instruct)")
+    p.add_argument("--isolate", default=None, action=argparse.BooleanOptionalAction,
+                   help="one process per configuration, for its peak RSS (default: on CPU)")
     p.add_argument("--methods", default="full,lora", help="comma list of full, lora, dora")
     p.add_argument("--backends", default="native,native-fast,hf",
                    help="comma list of native, native-fast, native-compile, native-fast-compile, hf, hf-compile")

@@ -10,8 +10,8 @@ Attention runs through `scaled_dot_product_attention`. With no padding, no packi
 This file is the reference, and it computes logits and nothing else: the training loss (over labelled positions
 only) is `evaluation.loss.next_token_loss`, fed `hidden_states` and `lm_head.weight`. `Decoder(cfg,
 fast_path=True)` marks the model for the fast path of `fast_ops.py` and, on CPU, swaps in its dropout and
-attention kernels, chosen once when the model is built (never by a branch on the device in `forward`); they
-change how, never what, is computed.
+attention kernels, chosen once when the model is built (never by a branch on the device in `forward`), and
+skips the padding of training batches (`TokenLayout`); they change how, never what, is computed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from qatune.models.config import ModelConfig
 
-from .fast_ops import explicit_attention, make_dropout
+from .fast_ops import explicit_attention, make_dropout, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -114,6 +114,57 @@ def attention_mask_4d(
     return mask | (k_pos == q_pos)[None, None]
 
 
+class TokenLayout:
+    """Where the real tokens of a right- or left-padded batch are (`keep`: their flat indices in `[B * T]`).
+
+    The fast path on CPU runs everything that works token by token (embedding, norms, linears, MLP) on those
+    rows only, `[n_real, d]`; attention puts them back into `[B, T, ...]` (`pad`: zero rows at the padding)
+    and takes them out again (`unpad`). Padding positions never reach a labelled position (the attention mask
+    hides them), so the real tokens' values are those of the padded computation; padding rows come out zero
+    instead of the reference's unused values. A batch with no padding gets no layout.
+
+    Training batches reach the model without their attention mask when they are right-padded and unpacked
+    (`data.batching.to_device`: the causal mask already hides padding), so the layout is also read from their
+    `position_ids` (`of_right_padding`): collation numbers each row's real tokens 0..n-1 and sets the padding
+    after them to 0."""
+
+    def __init__(self, keep: Tensor, batch: int, length: int):
+        self.keep, self.batch, self.length = keep, batch, length
+
+    @staticmethod
+    def of(attention_mask: Tensor | None) -> TokenLayout | None:
+        """The layout of a training/evaluation batch, or None when every position is real (or none is given)."""
+        if attention_mask is None:
+            return None
+        keep = attention_mask.reshape(-1).nonzero().squeeze(1)
+        if keep.numel() == attention_mask.numel():
+            return None
+        return TokenLayout(keep, *attention_mask.shape)
+
+    @staticmethod
+    def of_right_padding(position_ids: Tensor) -> TokenLayout | None:
+        """The layout of a right-padded batch as collation numbers it: each row's positions are 0..n-1 and then
+        0 for the padding. Any other numbering (an offset, restarts within a row) gets None: every position is
+        then computed, as if real."""
+        columns = torch.arange(position_ids.shape[1], device=position_ids.device)
+        real = position_ids == columns
+        lengths = real.sum(1, keepdim=True)
+        if lengths.min() < 1 or not torch.equal(real, columns < lengths) or bool(position_ids[~real].any()):
+            return None
+        if int(lengths.sum()) == position_ids.numel():
+            return None
+        return TokenLayout(real.reshape(-1).nonzero().squeeze(1), *position_ids.shape)
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """`[B, T, ...]` -> the real tokens' rows `[n_real, ...]`."""
+        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.keep)
+
+    def pad(self, rows: Tensor) -> Tensor:
+        """`[n_real, ...]` -> `[B, T, ...]`, zeros at the padding positions."""
+        full = rows.new_zeros(self.batch * self.length, *rows.shape[1:])
+        return full.index_copy(0, self.keep, rows).view(self.batch, self.length, *rows.shape[1:])
+
+
 class Attention(nn.Module):
     """`cpu_kernels=True` (the fast path on CPU): `fast_ops`' dropout, and attention without a KV cache as
     `fast_ops.explicit_attention`; otherwise `nn.Dropout` and SDPA."""
@@ -134,10 +185,15 @@ class Attention(nn.Module):
         mask: Tensor | None,
         kv_cache: KVCache | None,
         layer: int,
+        layout: TokenLayout | None = None,
     ) -> Tensor:
         cfg = self.cfg
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
+        qkv = self.qkv(x)
+        if layout is not None:  # rotate the real tokens' rows, then put them back into [B, T, ...]
+            qkv = layout.pad(qkv if rope is None else self._rotate_rows(qkv, rope))
+            rope = None
+        b, t, _ = qkv.shape
+        q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
         q = q.view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = k.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         v = v.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
@@ -147,23 +203,39 @@ class Attention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.cached(layer)
             k, v = kv_cache.update(layer, k, v)
+        dropout_p = cfg.attn_dropout if self.training else 0.0
+        if self.explicit and kv_cache is None:  # grouped-query attention without repeating k and v
+            y = explicit_attention(q, k, v, mask, dropout_p)
+            return self._output(y, layout)
         if cfg.n_kv_head != cfg.n_head:  # grouped-query attention: each kv head serves n_head/n_kv_head queries
             k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
             v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
         # Plain causal attention lets SDPA use its fused (flash) kernels; a cached single step sees everything.
         # (Decided on `past`, a Python int: a comparison of shapes would be symbolic under torch.compile.)
         is_causal = mask is None and past == 0
-        dropout_p = cfg.attn_dropout if self.training else 0.0
-        if self.explicit and kv_cache is None:
-            y = explicit_attention(q, k, v, mask, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
-        y = y.transpose(1, 2).reshape(b, t, cfg.q_size)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        return self._output(y, layout)
+
+    def _rotate_rows(self, qkv: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """RoPE on the q and k of real-token rows `[n, q + 2 kv]` (`rope`: their cos/sin, `[n, 1, head_dim]`)."""
+        cfg, n = self.cfg, qkv.shape[0]
+        q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
+        q = apply_rope(q.view(n, cfg.n_head, cfg.head_dim), *rope).reshape(n, cfg.q_size)
+        k = apply_rope(k.view(n, cfg.n_kv_head, cfg.head_dim), *rope).reshape(n, cfg.kv_size)
+        return torch.cat((q, k, v), dim=-1)
+
+    def _output(self, y: Tensor, layout: TokenLayout | None) -> Tensor:
+        """Heads `[B, H, T, head_dim]` -> the output projection (of the real tokens only, with a layout)."""
+        b, _, t, _ = y.shape
+        y = y.transpose(1, 2).reshape(b, t, self.cfg.q_size)
+        if layout is not None:
+            y = layout.unpad(y)
         return self.resid_dropout(self.o(y))
 
 
 class MLP(nn.Module):
-    """GPT-2: down(act(up(x))). Llama (SwiGLU): down(silu(gate(x)) * up(x)). `fast_dropout`: `fast_ops`' dropout."""
+    """GPT-2: down(act(up(x))). Llama (SwiGLU): down(silu(gate(x)) * up(x)). `fast_dropout` (the CPU fast path):
+    `fast_ops`' dropout and SwiGLU."""
 
     def __init__(self, cfg: ModelConfig, fast_dropout: bool = False):
         super().__init__()
@@ -172,9 +244,12 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.dropout = make_dropout(cfg.dropout, fast_dropout)
+        self.lean = fast_dropout  # the CPU fast path: `fast_ops.swiglu`, which keeps less for backward
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate is not None:
+        if self.gate is not None and self.lean:
+            h = swiglu(self.gate(x), self.up(x))
+        elif self.gate is not None:
             h = F.silu(self.gate(x)) * self.up(x)
         elif self.kind == "gelu_tanh":
             h = F.gelu(self.up(x), approximate="tanh")
@@ -193,8 +268,8 @@ class Block(nn.Module):
         self.norm_mlp = make_norm(cfg)
         self.mlp = MLP(cfg, cpu_kernels)
 
-    def forward(self, x: Tensor, rope, mask, kv_cache, layer: int) -> Tensor:
-        x = x + self.attn(self.norm_attn(x), rope, mask, kv_cache, layer)
+    def forward(self, x: Tensor, rope, mask, kv_cache, layer: int, layout: TokenLayout | None = None) -> Tensor:
+        x = x + self.attn(self.norm_attn(x), rope, mask, kv_cache, layer, layout)
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -249,6 +324,7 @@ class Decoder(nn.Module):
         cfg = self.config
         b, t = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        layout = self._layout(attention_mask, position_ids, doc_ids, kv_cache)
         if position_ids is None:
             if attention_mask is not None:  # left padding: real tokens count from 0
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
@@ -260,14 +336,32 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(position_ids)
         else:
             rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)
-        x = self.embed_dropout(x)
         mask = attention_mask_4d(b, t, past, input_ids.device, attention_mask, doc_ids)
+        if layout is not None:
+            x = layout.unpad(x)
+            if rope is not None:  # cos/sin `[B, 1, T, head_dim]` -> the real tokens' `[n, 1, head_dim]`
+                rope = tuple(layout.unpad(r.squeeze(1))[:, None] for r in rope)
+        x = self.embed_dropout(x)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, kv_cache, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, kv_cache, i, layout, use_reentrant=False)
             else:
-                x = block(x, rope, mask, kv_cache, i)
-        return self.norm(x)
+                x = block(x, rope, mask, kv_cache, i, layout)
+        x = self.norm(x)
+        return x if layout is None else layout.pad(x)
+
+    def _layout(self, attention_mask: Tensor | None, position_ids: Tensor | None, doc_ids: Tensor | None,
+                kv_cache: KVCache | None) -> TokenLayout | None:
+        """Skip the padding (`TokenLayout`): the CPU fast path without a KV cache, outside `torch.compile` (the
+        real-token count is a data-dependent shape; on CPU finding it costs no device sync). The padding is
+        known from the attention mask, else from a right-padded batch's position ids."""
+        if not self.cpu_kernels or kv_cache is not None or torch.compiler.is_compiling():
+            return None
+        if attention_mask is not None:
+            return TokenLayout.of(attention_mask)
+        if position_ids is not None and doc_ids is None:
+            return TokenLayout.of_right_padding(position_ids)
+        return None
 
     def forward(self, input_ids: Tensor, **kwargs) -> Tensor:
         """Logits `[B, T, vocab]`. Keyword arguments as `hidden_states`:

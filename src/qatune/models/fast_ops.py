@@ -8,8 +8,12 @@
   materialised, and the gradient is formed while the chunk is hot in cache;
 - CPU only: dropout draws its mask with one vectorised `torch.rand` (`FastDropout`), and attention without a
   KV cache runs as explicit low-precision matmuls (`explicit_attention`) instead of SDPA's CPU fallback, which
-  upcasts to fp32 and draws its dropout mask with `bernoulli_`. On CUDA, SDPA (flash) and fused dropout are
-  kept. Which kernels run is decided when the model is built, for the device it is built on.
+  upcasts to fp32 and draws its dropout mask with `bernoulli_`; grouped-query attention serves the query
+  heads of each kv head in one matmul, without repeating k and v. SwiGLU (`swiglu`) and dropout keep less for
+  backward. `decoder.TokenLayout` (also CPU only) runs token-wise work on the real tokens of a padded batch.
+  On CUDA, SDPA (flash) and fused dropout are kept. Which kernels run is decided when the model is built, for
+  the device it is built on.
+- `store_frozen_linear_in`: LoRA's frozen linear weights held in the autocast dtype (`training.build`).
 
 Losses agree with the reference within low-precision rounding; with dropout the masks differ (another random
 stream), as with any change of kernel (tests/test_fast_path.py).
@@ -18,7 +22,28 @@ stream), as with any change of kernel (tests/test_fast_path.py).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def store_frozen_linear_in(linear: nn.Linear, dtype: torch.dtype) -> None:
+    """Keep a frozen linear layer's weights in `dtype` (LoRA's base under autocast to that dtype).
+
+    Under autocast the matmul sees exactly the values autocast would have cast the fp32 weights to. Outside
+    autocast (answers generated during training) an input of another dtype is cast to the weights' dtype by a
+    forward pre-hook; the layer's output is then in that dtype, as the weights' precision implies. The layer
+    stays an `nn.Linear`. Trainable parameters are left as they are."""
+    for p in linear.parameters(recurse=False):
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    linear.register_forward_pre_hook(_input_to_weight_dtype)
+
+
+def _input_to_weight_dtype(linear: nn.Linear, args: tuple) -> tuple | None:
+    x = args[0]
+    if x.dtype != linear.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return (x.to(linear.weight.dtype), *args[1:])
+    return None
 
 
 def make_dropout(p: float, fast: bool) -> nn.Dropout:
@@ -29,9 +54,45 @@ def make_dropout(p: float, fast: bool) -> nn.Dropout:
 def fast_dropout(x: Tensor, p: float) -> Tensor:
     """Inverted dropout with the keep-mask drawn by `torch.rand` (vectorised on CPU, unlike `bernoulli_`) and
     scaled once, so forward and backward are one multiply each. Same distribution as `F.dropout`, another
-    random stream."""
-    scaled_keep = (torch.rand(x.shape, device=x.device) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
-    return x * scaled_keep
+    random stream. Backward keeps the mask as booleans (`_ScaledKeep`), a quarter of an fp32 mask."""
+    return _ScaledKeep.apply(x, torch.rand(x.shape, device=x.device) >= p, 1.0 / (1.0 - p))
+
+
+class _ScaledKeep(torch.autograd.Function):
+    """`x * keep * scale`, with `keep * scale` formed in `x`'s dtype (forward and backward alike)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep.to(x.dtype).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * keep.to(grad.dtype).mul_(ctx.scale), None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """`silu(gate) * up` keeping only `gate` and `up` for backward (autograd also keeps `silu(gate)`, one more
+    `[tokens, d_ff]` tensor per layer); backward recomputes it. The same values as autograd's, op for op."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """`F.silu(gate) * up` with less kept for backward (`_SwiGLU`)."""
+    return _SwiGLU.apply(gate, up)
 
 
 class FastDropout(nn.Dropout):
@@ -47,17 +108,26 @@ class FastDropout(nn.Dropout):
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
     """softmax(q k^T / sqrt(d), masked) v with the two matmuls in the input dtype (bf16 under autocast, as
     SDPA's CUDA kernels run them) and the softmax in fp32. On CPU, SDPA with dropout falls back to a path that
-    upcasts bf16 to fp32 matmuls (about 8x slower) and draws its mask with `bernoulli_`. `mask`: bool
-    `[B, 1, T, S]`, True = may attend; None = causal."""
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    upcasts bf16 to fp32 matmuls (about 8x slower) and draws its mask with `bernoulli_`; without dropout its
+    flash kernel is still slower here on small heads (measured: benchmarks/README.md). `mask`: bool
+    `[B, 1, T, S]`, True = may attend; None = causal.
+
+    Grouped-query attention (`k`, `v` with fewer heads than `q`) is computed without repeating k and v: the
+    `G` query heads that share a kv head are stacked into one `[G * T, d]` matrix, so each kv head serves them
+    in one larger matmul (no copy of k/v, fewer, larger matmuls)."""
+    b, h, t, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    scores = torch.matmul((q * d**-0.5).reshape(b, kv, g * t, d), k.transpose(-1, -2)).view(b, kv, g, t, s)
     if mask is None:
-        t, s = scores.shape[-2:]
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    else:
+        mask = mask[:, :, None]  # [B, 1, 1, T, S]: the same for every query head of a group
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     if dropout_p > 0:
         probs = fast_dropout(probs, dropout_p)
-    return torch.matmul(probs, v)
+    return torch.matmul(probs.view(b, kv, g * t, s), v).view(b, h, t, d)
 
 
 @torch.library.custom_op("qatune::chunked_lm_loss", mutates_args=())

@@ -154,6 +154,14 @@ def _weight_files(path: Path) -> list[Path]:
     raise ModelError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin (or sharded)")
 
 
+def read_model_config(source: str | os.PathLike) -> dict:
+    """The Hugging Face config (a dict) of a model source, as `load_base_model` reads it, without its weights."""
+    resolved = resolve_source(source)
+    if resolved.gguf_file:
+        return read_gguf(resolved.gguf_path)[0]
+    return read_hf_config(resolved.path)
+
+
 def build_model(cfg: ModelConfig, state: dict[str, Tensor], *, fast_path: bool = False) -> Decoder:
     """Assign an already-converted native state dict to a model built on the meta device (no allocation); its
     kernels are chosen for the device the state is on."""
@@ -178,13 +186,16 @@ def load_base_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     fast_path: bool = False,
+    linear_dtype: torch.dtype | None = None,
 ) -> Decoder:
     """Load a causal LM as a native `Decoder` (`forward(input_ids) -> logits [batch, seq, vocab]`), in eval mode.
 
     `source`: a local Hugging Face directory (`config.json` + safetensors or `.bin`, sharded or not), a hub id
     (`gpt2`, `openai-community/gpt2-medium`; the cache is tried first), a `.gguf` file, or `smollm2-135m`.
     `dtype`: e.g. `torch.bfloat16` or "bf16"; default float32. `device`: default "cpu". `fast_path`: build with
-    the kernels of `fast_ops.py` (training speed; the default is the reference path).
+    the kernels of `fast_ops.py` (training speed; the default is the reference path). `linear_dtype`: the dtype
+    of the blocks' linear weights, if not `dtype` (LoRA's frozen base under bf16 autocast: `training.build`);
+    each tensor is converted as it is read, so no full copy in `dtype` is ever held.
     A LoRA adapter goes on top with `qatune.lora.load_adapter` (or `qatune.load_model(..., adapter=)`).
     """
     dtype = parse_dtype(dtype)
@@ -196,14 +207,21 @@ def load_base_model(
         hf_cfg, tensors = read_hf_config(resolved.path), iter_hf_tensors(resolved.path)
     cfg = from_hf_config(hf_cfg, str(resolved.gguf_path if resolved.gguf_file else resolved.path / "config.json"))
 
-    def convert(t: Tensor) -> Tensor:
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    def convert(native: str, t: Tensor) -> Tensor:
+        if not t.is_floating_point():
+            return t.to(device=device)
+        return t.to(device=device, dtype=linear_dtype if linear_dtype and is_linear_weight(native) else dtype)
 
     try:
         state = hf_to_native(tensors, cfg, expected_shapes(cfg), convert)
     except ModelError as e:
         raise ModelError(f"{source}: {e}") from None
     return build_model(cfg, state, fast_path=fast_path).eval()
+
+
+def is_linear_weight(native: str) -> bool:
+    """Whether a native tensor name is the weight of one of the blocks' linear layers."""
+    return native.startswith("blocks.") and native.endswith(".weight") and ".norm_" not in native
 
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # the names configs use; parse_dtype also takes torch's own

@@ -117,11 +117,12 @@ def canonical_hf_name(name: str, cfg: ModelConfig) -> str:
 
 
 def hf_to_native(tensors: Iterable[tuple[str, Tensor]], cfg: ModelConfig, expected: dict[str, torch.Size],
-                 convert=lambda t: t) -> dict[str, Tensor]:
+                 convert=lambda native, t: t) -> dict[str, Tensor]:
     """Map a stream of Hugging Face tensors to a native state dict, checking names and shapes.
 
-    `expected` gives the native shapes; `convert` moves each tensor to its target dtype/device as it is read,
-    so no second full copy exists. Raises `ModelError` listing every missing, unexpected or mis-shaped tensor."""
+    `expected` gives the native shapes; `convert(native_name, tensor)` moves each tensor to its target
+    dtype/device as it is read, so no second full copy exists. Raises `ModelError` listing every missing,
+    unexpected or mis-shaped tensor."""
     table = hf_name_table(cfg)
     out: dict[str, Tensor] = {}
     parts: dict[str, dict[str, Tensor]] = {}
@@ -133,7 +134,7 @@ def hf_to_native(tensors: Iterable[tuple[str, Tensor]], cfg: ModelConfig, expect
                 unexpected.append(name)
             continue
         native, part, transpose = table[hf_name]
-        t = convert(tensor.t().contiguous() if transpose else tensor)
+        t = convert(native, tensor.t().contiguous() if transpose else tensor)
         if part is None:
             out[native] = t
         else:

@@ -18,9 +18,11 @@ from qatune.errors import ConfigError, DataError
 from qatune.evaluation.loss import model_loss
 from qatune.lora.inject import apply_lora
 from qatune.models.device import usable_device
+from qatune.models.fast_ops import store_frozen_linear_in
 from qatune.models.loading import load_base_model, parse_dtype
 from qatune.training.config import DataSection, RunConfig
 from qatune.training.hf_backend import HFCausalLM, apply_peft_lora, load_hf_model
+from qatune.training.optim import PRECISIONS
 from qatune.training.parallel import Dist
 
 DEFAULT_MAX_LENGTH = 512
@@ -119,14 +121,45 @@ def build_trainable_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     if cfg.backend == "hf":
         model = load_hf_model(cfg.model, base_dtype or torch.float32, device)
         return HFCausalLM(apply_peft_lora(model, cfg.lora) if cfg.method == "lora" else model)
-    model = load_base_model(cfg.model, dtype=base_dtype, device=device, fast_path=t.fast_path)
+    low = frozen_linear_dtype(cfg)
+    model = load_base_model(cfg.model, dtype=base_dtype, device=device, fast_path=t.fast_path, linear_dtype=low)
     if cfg.method == "lora":
         apply_lora(model, cfg.lora)
         for p in model.parameters():  # LoRA weights and their optimizer state stay fp32 under a low-precision base
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
+        if low is not None:
+            keep_frozen_linears_low(model, t.precision)
     model.gradient_checkpointing = t.gradient_checkpointing
     return model
+
+
+def frozen_linear_dtype(cfg: RunConfig) -> torch.dtype | None:
+    """The dtype LoRA's frozen linear weights are loaded in (`keep_frozen_linears_low`): the autocast dtype for
+    a plain native LoRA run under bf16/fp16 autocast with no `train.base_dtype`; None (the model's dtype)
+    otherwise. Not with FSDP (one dtype per flattened module), nor with DoRA or PiSSA, whose initialisation
+    reads and rewrites the base weights in full precision."""
+    t = cfg.train
+    plain = not getattr(cfg.lora, "use_dora", False) and getattr(cfg.lora, "init", "default") == "default"
+    if cfg.method != "lora" or cfg.backend != "native" or t.base_dtype or t.fsdp or not plain:
+        return None
+    return PRECISIONS.get(t.precision)
+
+
+def keep_frozen_linears_low(model: nn.Module, precision: str) -> None:
+    """Under bf16/fp16 autocast, store the frozen weights of the blocks' linear layers in that dtype
+    (`fast_ops.store_frozen_linear_in`).
+
+    Autocast casts an fp32 weight to its dtype at every forward (and keeps the cast for backward): stored in
+    that dtype, the matmuls see exactly the same values, so losses are unchanged, while the weights take half
+    the memory and the per-step casts and their saved copies disappear. The token embedding (tied to the LM
+    head, and looked up in fp32), the norms and every trainable weight stay fp32. fp32: nothing changes."""
+    dtype = PRECISIONS.get(precision)
+    if dtype is None:
+        return
+    for name, module in model.named_modules():
+        if name.startswith("blocks.") and isinstance(module, nn.Linear):
+            store_frozen_linear_in(module, dtype)
 
 
 class LossModule(nn.Module):
