@@ -147,9 +147,9 @@ def real_native_state(shape: str, device: torch.device) -> dict[str, Tensor]:
 def build_native(hf_config: dict[str, Any], state: dict[str, Tensor], device: torch.device, method: str,
                  fast_path: bool = False, precision: str = "fp32", copy: bool = True) -> nn.Module:
     """A native `Decoder` holding a copy of `state` (`copy=False`: `state`'s own tensors), with the baseline
-    recipe's LoRA (`LORA`) for method=lora (with DoRA for dora), as `training.build.build_trainable_model` makes it: `fast_path` as
-    `train.fast_path`, the frozen weights' dtype as `training.build.keep_frozen_linears_low` decides for
-    `precision`."""
+    recipe's LoRA (`LORA`) for method=lora (with DoRA for dora), as `training.build.build_trainable_model` makes
+    it: `fast_path` as `train.fast_path`, the frozen weights' dtype as `training.build.keep_frozen_linears_low`
+    decides for `precision`."""
 
     with torch.device("meta"):
         model = Decoder(native_config(hf_config), fast_path=fast_path, device=device)
@@ -178,8 +178,8 @@ def load_native_real(shape: str, device: torch.device, method: str, fast_path: b
 def build_hf(hf_config: dict[str, Any], state: dict[str, Tensor] | None, device: torch.device, method: str,
              copy: bool = True, source: str | None = None) -> nn.Module:
     """transformers' `*ForCausalLM` (SDPA attention) with the same weights (a copy of `state`; `copy=False`:
-    its own tensors), + peft LoRA for method=lora (peft DoRA for dora), wrapped in `HFCausalLM` (the `backend=hf` loss). With
-    `source` (real weights) transformers loads them itself, as `qatune train backend=hf` does."""
+    its own tensors), + peft LoRA for method=lora (peft DoRA for dora), wrapped in `HFCausalLM` (the `backend=hf`
+    loss). With `source` (real weights) transformers loads them itself, as `qatune train backend=hf` does."""
     if source is not None:
         model = load_hf_model(source, torch.float32, device)
     else:

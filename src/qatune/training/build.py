@@ -140,7 +140,7 @@ def frozen_linear_dtype(cfg: RunConfig) -> torch.dtype | None:
     otherwise. Not with FSDP (one dtype per flattened module), nor with DoRA or PiSSA, whose initialisation
     reads and rewrites the base weights in full precision."""
     t = cfg.train
-    plain = not getattr(cfg.lora, "use_dora", False) and getattr(cfg.lora, "init", "default") == "default"
+    plain = not cfg.lora.use_dora and cfg.lora.init == "default"
     if cfg.method != "lora" or cfg.backend != "native" or t.base_dtype or t.fsdp or not plain:
         return None
     return PRECISIONS.get(t.precision)
