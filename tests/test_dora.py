@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qatune import load_model
-from qatune.bench.setups import build_hf, build_native, gpt2_config, random_native_state
+from qatune.bench.setups import build_hf, build_native, random_native_state, shape_config
 from qatune.cli.commands import main
 from qatune.data.batching import label_positions
 from qatune.errors import QatuneError
@@ -418,9 +418,9 @@ def test_a_dora_run_with_fast_path_and_bf16_loads_in_peft_and_merges_from_the_cl
 def test_bench_dora_builds_native_and_peft_dora_from_the_same_weights():
     """`qatune bench --methods dora`: the native and the peft model start from the same weights and adapter
     shape: the same loss (a fresh adapter is the base model) and the same trainable parameter count."""
-    hf_config = gpt2_config("tiny", None, 32)
+    hf_config = shape_config("tiny", None, 32)
     state = random_native_state(hf_config, torch.device("cpu"), seed=0)
-    ids = torch.randint(0, hf_config.vocab_size, (2, 32))
+    ids = torch.randint(0, hf_config["vocab_size"], (2, 32))
     batch = {"input_ids": ids, **label_positions(ids)}
     native = build_native(hf_config, state, torch.device("cpu"), "dora").eval()
     hf = build_hf(hf_config, state, torch.device("cpu"), "dora").eval()

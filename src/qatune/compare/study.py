@@ -82,12 +82,22 @@ def study_lines(results: dict[str, Any], model: str) -> list[str]:
         lines.append(f"| {v.label} | {params_text(best.get('trainable_params'))} | {tried} | "
                      f"{lr_text(best)} | {_short_num(best.get(metric))} | "
                      f"{_short_num(best.get('val_loss'))} | {there} |")
-    ratios = lr_ratios(found, metric)
-    if ratios:
-        full_lr = ratios[0][1] / ratios[0][2]
-        lines += ["", f"Best learning rate of each LoRA variant over full fine-tuning's ({full_lr:g}), by validation "
-                  f"{metric}: " + "; ".join(f"{v.label} {lr:g} ({ratio:.3g}x)" for v, lr, ratio in ratios)
-                  + ". The grids are spaced by about 3x, so each ratio is known to within that factor."]
+    return lines + _ratio_lines(found, metric)
+
+
+def _ratio_lines(found: list[Variant], metric: str) -> list[str]:
+    """The learning-rate ratios by the selection metric, and by the validation loss (the measure the literature
+    reports the ratio on)."""
+    lines = []
+    for by in dict.fromkeys((metric, "val_loss")):
+        ratios = lr_ratios(found, by)
+        if ratios:
+            full_lr = ratios[0][1] / ratios[0][2]
+            lines += ["", f"Best learning rate of each LoRA variant over full fine-tuning's ({full_lr:g}), by "
+                      f"validation {by}: " + "; ".join(f"{v.label} {lr:g} ({ratio:.3g}x)" for v, lr, ratio in ratios)
+                      + "."]
+    if lines:
+        lines += ["", "The grids are spaced by about 3x, so each ratio is known to within that factor."]
     return lines
 
 
