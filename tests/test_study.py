@@ -10,7 +10,8 @@ from qatune.compare.study import lr_ratios, rank_family, study_lines, variants
 def _point(method: str, lr: float, f1: float, loss: float, rank: int | None = None, **fixed) -> dict:
     point = {"train.lr": lr, **fixed} if rank is None else {"lora.r": rank, "train.lr": lr, **fixed}
     return {"name": f"{method}-{rank}-{lr}-{fixed}", "model": "m", "method": method, "rank": None, "point": point,
-            "picked": False, "f1": f1, "val_loss": loss, "trainable_params": 1e8 if method == "full" else 1e4 * (rank or 8),
+            "picked": False, "f1": f1, "val_loss": loss,
+            "trainable_params": 1e8 if method == "full" else 1e4 * (rank or 8),
             "curve": [{"step": 10, "val_loss": loss + 0.5, "f1": f1 - 1}, {"step": 20, "val_loss": loss, "f1": f1}]}
 
 
