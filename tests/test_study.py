@@ -51,3 +51,5 @@ def test_study_table_and_figures(tmp_path):
     assert names == ["m-study-lr.png", "m-study-ranks.png", "m-study-params.png"]
     assert all((tmp_path / name).stat().st_size > 1000 for name in names)
     assert study_lines({"select_metric": "f1", "selection": results["selection"][:1]}, "m") == []
+    no_grid = [dict(p, point={}) for p in results["selection"][:4]]  # methods without a grid: nothing studied
+    assert study_lines({"select_metric": "f1", "selection": no_grid}, "m") == []

@@ -69,7 +69,7 @@ def study_lines(results: dict[str, Any], model: str) -> list[str]:
     """The study table (one row per variant, at its best learning rate) and the learning-rate ratio sentence."""
     metric = results["select_metric"]
     found = [v for v in variants(results, model) if v.best(metric)]
-    if len(found) < 2:
+    if len(found) < 2 or not any(p["point"] for v in found for p in v.points):  # no grid: nothing was studied
         return []
     lines = ["Every grid point was trained with the first seed and scored on the validation set only. A variant is a "
              "method with everything but the learning rate fixed; each row is its best learning rate.", "",
