@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from train_loop import train_losses
 from transformers import GPT2Config
 
 from qatune.data.batching import label_positions
-from qatune.evaluation.loss import model_loss
 from qatune.lora import LoRAConfig, apply_lora, lora_layers
 from qatune.models import decoder as model_mod
 from qatune.models import fast_ops
@@ -92,17 +92,6 @@ def test_kernels_are_chosen_when_the_model_is_built():
         assert all(isinstance(layer.dropout, FastDropout) == cpu_kernels for layer in lora_layers(model).values())
 
 
-def _train_losses(model: Decoder, batches: list[dict[str, torch.Tensor]], dtype: torch.dtype | None) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for batch in batches:
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = model_loss(model, batch, chunked=model.fast_path) / batch["loss_targets"].numel()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -126,7 +115,7 @@ def test_fast_path_losses_follow_the_reference_over_50_steps(method, dtype, rtol
         labels = ids.clone()
         labels[:, :16] = -100  # prompt positions, as answer-only QA labels
         batches.append({"input_ids": ids, **label_positions(labels)})
-    ref_losses = _train_losses(reference.train(), batches, dtype)
-    fast_losses = _train_losses(fast.train(), batches, dtype)
+    ref_losses = train_losses(reference.train(), batches, dtype, lr=3e-3)
+    fast_losses = train_losses(fast.train(), batches, dtype, lr=3e-3)
     assert ref_losses[0] - ref_losses[-1] > 0.05  # it trains (LoRA on a random base learns slowly)
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(ref_losses), rtol=rtol, atol=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from train_loop import train_losses
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qatune.data.batching import Feature, collate, to_device
@@ -73,17 +74,6 @@ def _models(method: str) -> tuple[Decoder, Decoder]:
     return reference.train(), optimised.train()
 
 
-def _train(model: Decoder, batches, dtype: torch.dtype | None) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for batch in batches:
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = model_loss(model, batch, chunked=model.fast_path) / batch["loss_targets"].numel()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -93,8 +83,8 @@ def test_optimised_llama_path_trains_like_the_unoptimised_one(method, one_thread
     assert {p.dtype for n, p in optimised.named_parameters() if "blocks" in n and "base.weight" in n} == \
         ({torch.bfloat16} if method == "lora" else set())
     batches = _padded_batches(40)
-    ref_losses = _train(reference, batches, torch.bfloat16)
-    opt_losses = _train(optimised, batches, torch.bfloat16)
+    ref_losses = train_losses(reference, batches, torch.bfloat16, lr=2e-3)
+    opt_losses = train_losses(optimised, batches, torch.bfloat16, lr=2e-3)
     assert ref_losses[0] - ref_losses[-1] > 0.1  # it trains
     torch.testing.assert_close(torch.tensor(opt_losses), torch.tensor(ref_losses), rtol=2e-2, atol=0)
 
@@ -103,8 +93,8 @@ def test_fp32_optimised_llama_path_matches_closely(one_thread):
     """fp32 (no autocast: the weights stay fp32): only the summation order differs."""
     reference, optimised = _models("full")
     batches = _padded_batches(20)
-    torch.testing.assert_close(torch.tensor(_train(optimised, batches, None)),
-                               torch.tensor(_train(reference, batches, None)), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(train_losses(optimised, batches, None, lr=2e-3)),
+                               torch.tensor(train_losses(reference, batches, None, lr=2e-3)), rtol=1e-4, atol=0)
 
 
 def test_bf16_frozen_linears_give_bit_identical_losses_under_autocast():
