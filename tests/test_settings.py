@@ -45,7 +45,7 @@ BAD_VALUES = [
     ("train.schedule", "cosinus", "one of cosine, linear, constant"),
     ("train.precision", "fp8", "one of fp32, bf16, fp16"),
     ("train.base_dtype", "int8", "one of fp32, bf16, fp16"),
-    ("train.early_stop_metric", "acc", "one of val_loss, em, f1, bleu"),
+    ("train.early_stop_metric", "acc", "one of val_loss, em, f1, contains, bleu"),
     ("data.val_fraction", "1", "in [0, 1)"),
     ("data.val_fraction", "-0.1", "in [0, 1)"),
     ("data.max_length", "0", ">= 1"),
@@ -215,8 +215,8 @@ def _write_sweep(tmp_path, **changes):
     ({"slices": {"train": {"source": "sample", "stop": -5}}}, "slices.train.stop must be >= 0, got -5"),
     ({"slices": {"train": {"source": "sample", "stops": 5}}},
      "unknown sweep key slices.train.stops (did you mean slices.train.stop?)"),
-    ({"select": {"metric": "acc"}}, "select.metric must be one of val_loss, em, f1, bleu; got 'acc'"),
-    ({"grid": {"lroa": {"train.lr": [1e-4]}}}, "grid must be one of full, lora; got 'lroa'"),
+    ({"select": {"metric": "acc"}}, "select.metric must be one of val_loss, em, f1, contains, bleu; got 'acc'"),
+    ({"grid": {"lroa": {"train.lr": [1e-4]}}}, "grid must be one of full, lora, dora, pissa, olora; got 'lroa'"),
     ({"grid": {"lora": {"train.lr": 1e-4}}}, "grid.lora.train.lr must be a list of Any, got 0.0001"),
     ({"eval": {"max_examples": 5}}, "eval.data is required"),
 ])
@@ -233,5 +233,5 @@ def test_a_sweep_reads_into_typed_sections(tmp_path):
     sweep = load_sweep(path)
     assert sweep.eval == EvalSection(data="sample-test", max_examples=6)
     assert sweep.extra_eval == [ExtraEval(name="mc", data="x.jsonl", task="mc")]
-    assert (sweep.ranks, sweep.seeds, sweep.select_metric) == ([8], [0, 1], "val_loss")
+    assert (sweep.ranks, sweep.seeds, sweep.select_metric) == ([8], [0, 1], "f1")  # a QA test set: its answers
     assert sweep.grid == {"lora": [(("train.lr", 1e-4),), (("train.lr", 3e-4),)]}
