@@ -127,3 +127,12 @@ def qa_gpt2_dir(tmp_path_factory, qa_tokenizer_dir) -> Path:
     for f in qa_tokenizer_dir.iterdir():
         shutil.copy(f, path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (timing-free comparisons that must not depend on thread scheduling)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

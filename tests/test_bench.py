@@ -25,14 +25,6 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def one_thread():
-    """The benchmark's --threads sets a process-wide value: put it back for the other tests."""
-    before = torch.get_num_threads()
-    yield "1"
-    torch.set_num_threads(before)
-
-
 def test_bench_cli_writes_every_configuration_as_json(tmp_path, one_thread):
     out = tmp_path / "bench.json"
     assert main(["bench", "--shapes", "tiny", "--methods", "full,lora", "--backends", "native,native-fast,hf",

@@ -22,14 +22,6 @@ from qatune.models.fast_ops import FastDropout, chunked_lm_loss, explicit_attent
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny_cfg(dropout: float = 0.0):
     return from_hf_config(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, resid_pdrop=dropout,
                                      embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0,
@@ -90,8 +82,6 @@ def test_kernels_are_chosen_when_the_model_is_built():
         assert all(block.attn.explicit == cpu_kernels for block in model.blocks)
         assert _dropouts(model) == ({FastDropout} if cpu_kernels else {nn.Dropout})
         assert all(isinstance(layer.dropout, FastDropout) == cpu_kernels for layer in lora_layers(model).values())
-
-
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -32,14 +32,6 @@ HF = dict(vocab_size=500, hidden_size=96, intermediate_size=160, num_hidden_laye
           max_position_embeddings=256)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg():
     return from_hf_config(LlamaConfig(**HF).to_dict())
 
@@ -72,8 +64,6 @@ def _models(method: str) -> tuple[Decoder, Decoder]:
     if method == "lora":
         keep_frozen_linears_low(optimised, "bf16")
     return reference.train(), optimised.train()
-
-
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -191,7 +181,6 @@ def test_optimised_llama_loss_equals_transformers_llama():
         expected = F.cross_entropy(rows, batch["loss_targets"], reduction="sum")
         got = model_loss(fast.eval(), batch, chunked=True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
-
 
 
 def test_right_padding_is_read_from_collated_position_ids():
