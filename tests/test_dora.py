@@ -233,7 +233,8 @@ def test_merged_dora_is_the_unmerged_model_and_peft_merge(base_dirs, qa_tokenize
     tokenizer = transformers.AutoTokenizer.from_pretrained(qa_tokenizer_dir)
     save_merged(model, tokenizer, tmp_path / "merged")
     with torch.no_grad():
-        torch.testing.assert_close(_hf(tmp_path / "merged")(IDS).logits, adapted, rtol=0, atol=TOL)
+        # rtol too: under the floor torch (2.7) one logit of 8,320 differs by 1.1e-4 at a magnitude of 0.6
+        torch.testing.assert_close(_hf(tmp_path / "merged")(IDS).logits, adapted, rtol=1e-4, atol=TOL)
     # peft's merge of the same adapter: W' = m / ||W + sBA|| * (W + sBA), its own code on transformers' layout
     peft_merged = peft.PeftModel.from_pretrained(_hf(base_dirs[family]), tmp_path / "adapter").merge_and_unload()
     ours = load_file(tmp_path / "merged" / "model.safetensors")
@@ -253,8 +254,8 @@ def test_merged_dora_is_the_unmerged_model_and_peft_merge(base_dirs, qa_tokenize
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), adapted, rtol=0, atol=TOL)
     merge_lora(model)  # unwrapped: a plain Decoder with DoRA folded in
-    with torch.no_grad():
-        torch.testing.assert_close(model(IDS), adapted, rtol=0, atol=TOL)
+    with torch.no_grad():  # rtol as above: the floor torch rounds one logit 1.0e-4 off at a magnitude of 0.6
+        torch.testing.assert_close(model(IDS), adapted, rtol=1e-4, atol=TOL)
 
 
 def test_missing_stray_or_misshapen_magnitudes_are_refused(base_dirs, tmp_path):

@@ -16,6 +16,7 @@ import peft
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from safetensors.torch import load_file
 
 from qatune.errors import ConfigError
@@ -85,6 +86,9 @@ def test_init_matches_peft_and_keeps_the_output(family, init, targets, rslora, t
     modules = _adapted_modules(model)
     assert modules
 
+    if family == "gpt2" and Version(peft.__version__) < Version("0.14"):
+        pytest.skip("peft 0.13 (the declared floor) decomposes GPT-2's Conv1D weights in stored [in, out] order: "
+                    "its pairs have the wrong shape (measured), so there is no reference to compare with")
     hf = _hf(base)
     peft_targets = sorted({m.rpartition(".")[2] for m in modules})
     reference = peft.get_peft_model(hf, peft.LoraConfig(

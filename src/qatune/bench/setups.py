@@ -192,7 +192,11 @@ def build_hf(hf_config: dict[str, Any], state: dict[str, Tensor] | None, device:
 def _hf_from_state(hf_config: dict[str, Any], state: dict[str, Tensor], device: torch.device, copy: bool
                    ) -> nn.Module:
     from transformers import AutoModelForCausalLM  # heavy (seconds): imported when a benchmark runs
-    from transformers.initialization import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5: where the declared floor (4.56) keeps it
+        from transformers.modeling_utils import no_init_weights
 
     # Uninitialised storage on the device (never touched, so never resident): the weights are assigned below;
     # buffers made in __init__ (rotary frequencies) are computed as usual.
