@@ -24,11 +24,20 @@ _ITEM_KEYS = {"qa": ("f1", "em", "contains"), "nlg": ("bleu", "rouge_l"), "mc": 
 
 def selection_value(run_dir: Path, metric: str) -> float | None:
     """The best value of `metric` over a run's evaluations (metrics.jsonl): lowest val_loss, highest em/f1/bleu."""
-    events = [json.loads(line) for line in _lines(RunDir(run_dir).metrics)]
-    values = [e[metric] for e in events if e.get("event") == "eval" and e.get(metric) is not None]
+    return best_value(_evaluations(RunDir(run_dir)), metric)
+
+
+def best_value(evals: list[dict[str, Any]], metric: str) -> float | None:
+    """The best value of `metric` over evaluation records: lowest val_loss, highest em/f1/contains/bleu."""
+    values = [e[metric] for e in evals if e.get(metric) is not None]
     if not values:
         return None
     return min(values) if metric == "val_loss" else max(values)
+
+
+def _evaluations(run_dir: RunDir) -> list[dict[str, Any]]:
+    """A run's `eval` records from metrics.jsonl, read once."""
+    return [e for e in (json.loads(line) for line in _lines(run_dir.metrics)) if e.get("event") == "eval"]
 
 
 def collect_results(sweep: Sweep, out: Path, picks: dict[tuple[str, str, int | None], Point]) -> dict[str, Any]:
@@ -53,7 +62,7 @@ def _training_budget(out: Path, trained: list[Run]) -> dict[str, Any]:
     it spent answering validation questions (selecting on answers costs that)."""
     dirs = [RunDir(out / "runs" / run.name) for run in trained]
     summaries = [json.loads(d.summary.read_text()) for d in dirs]
-    generate = sum(json.loads(line).get("generate_s") or 0.0 for d in dirs for line in _lines(d.metrics))
+    generate = sum(e.get("generate_s") or 0.0 for d in dirs for e in _evaluations(d))
     return {"runs": len(trained), "wall_time_s": sum(s.get("wall_time_s") or 0.0 for s in summaries),
             "generate_s": generate}
 
@@ -83,8 +92,8 @@ def _validation(sweep: Sweep, run: Run, run_dir: RunDir) -> dict[str, Any]:
     """The validation scores a row is compared on before any test score is read: a training's best of its
     evaluations (what picked it), a baseline's answers to the same validation questions (what makes it the bar)."""
     if run.trained:
-        return {metric: selection_value(run_dir.path, metric) for metric in dict.fromkeys((sweep.select_metric,
-                                                                                           "val_loss"))}
+        evals = _evaluations(run_dir)
+        return {metric: best_value(evals, metric) for metric in dict.fromkeys((sweep.select_metric, "val_loss"))}
     where = run_dir.eval_named(VALIDATION)
     if not where.metrics.is_file():
         return {}
@@ -104,8 +113,7 @@ def _training_facts(run_dir: RunDir, run: Run) -> dict[str, Any]:
                                                     "template", "prompt_format")},
         "lora": config["lora"] if trains_lora(run.method) else None,
     }
-    events = [json.loads(line) for line in _lines(run_dir.metrics)]
-    facts["val_curve"] = [[e["step"], e["val_loss"]] for e in events if e.get("event") == "eval" and "val_loss" in e]
+    facts["val_curve"] = [[e["step"], e["val_loss"]] for e in _evaluations(run_dir) if "val_loss" in e]
     return facts
 
 
@@ -113,13 +121,12 @@ def _candidate_row(sweep: Sweep, out: Path, run: Run, picked: bool) -> dict[str,
     """A grid point as the study reads it: its best validation loss and generation metric, their curves over
     the steps, what it trained, and what answering the validation questions cost it."""
     run_dir = RunDir(out / "runs" / run.name)
-    events = [json.loads(line) for line in _lines(run_dir.metrics)]
-    evals = [e for e in events if e.get("event") == "eval"]
+    evals = _evaluations(run_dir)
     summary = json.loads(run_dir.summary.read_text())
     metric = sweep.select_metric
     return {"name": run.name, "model": run.model, "method": run.method, "rank": run.rank,
             "point": point_dict(run.point), "picked": picked,
-            metric: selection_value(run_dir.path, metric), "val_loss": selection_value(run_dir.path, "val_loss"),
+            metric: best_value(evals, metric), "val_loss": best_value(evals, "val_loss"),
             "curve": [{k: e.get(k) for k in ("step", "val_loss", metric)} for e in evals],
             "trainable_params": summary.get("trainable_params"), "wall_time_s": summary.get("wall_time_s"),
             "generate_s": sum(e.get("generate_s") or 0.0 for e in evals)}
