@@ -22,8 +22,9 @@ from qatune.lora import LoRAConfig, apply_lora
 from qatune.models import decoder as model_mod
 from qatune.models import fast_ops
 from qatune.models.config import from_hf_config
-from qatune.models.decoder import Decoder, TokenLayout
+from qatune.models.decoder import Decoder
 from qatune.models.fast_ops import explicit_attention
+from qatune.models.token_layout import TokenLayout
 from qatune.models.weights import native_to_hf
 from qatune.training.build import keep_frozen_linears_low
 
@@ -227,6 +228,72 @@ def test_lean_swiglu_and_dropout_equal_autograd_bit_for_bit(dtype):
     y = fast_ops.fast_dropout(x, 0.1)
     y.backward(grad.repeat(10, 1))
     torch.manual_seed(1)
-    scaled_keep = (torch.rand(x.shape) >= 0.1).to(dtype).mul_(1 / 0.9)  # the mask as it was formed before
+    scaled_keep = fast_ops.keep_mask(x.shape, 0.1, x.device).to(dtype).mul_(1 / 0.9)  # the same draw
     assert torch.equal(y, x.detach() * scaled_keep)
     assert torch.equal(x.grad, grad.repeat(10, 1) * scaled_keep)
+
+
+def _reference_rotation(rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int):
+    """RoPE on the q/k heads of `rows` by `decoder.apply_rope`, under autograd (what `rotate_rows` replaces)."""
+    n = rows.shape[0]
+    qk, v = rows.split((heads * head_dim, rows.shape[1] - heads * head_dim), dim=-1)
+    return torch.cat((model_mod.apply_rope(qk.view(n, heads, head_dim), cos, sin).reshape(n, -1), v), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_rows_equals_apply_rope_bit_for_bit(dtype):
+    """One autograd node for RoPE on real-token rows: forward values and gradients are the reference's."""
+    torch.manual_seed(0)
+    heads, head_dim, n = 5, 16, 23  # 5 rotated heads (q and k), then v's 32 columns
+    cos, sin = (t.squeeze(0).squeeze(0)[:, None] for t in
+                model_mod.rope_cos_sin(torch.arange(n)[None], head_dim, 10000.0))
+    rows, grad = torch.randn(2, n, heads * head_dim + 32).to(dtype).unbind(0)
+    results = []
+    for f in (lambda r: _reference_rotation(r, cos, sin, heads, head_dim),
+              lambda r: fast_ops.rotate_rows(r, cos, sin, heads * head_dim, head_dim)):
+        x = rows.clone().requires_grad_()
+        y = f(x)
+        y.backward(grad)
+        results.append((y, x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_masked_softmax_equals_autograd_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    scores, grad = torch.randn(2, 3, 2, 7, 7).to(dtype).unbind(0)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    results = []
+    for f in (lambda s: torch.softmax(s.masked_fill(~mask, float("-inf")), -1, dtype=torch.float32).to(dtype),
+              lambda s: fast_ops.masked_softmax(s, mask)):
+        x = scores.clone().requires_grad_()
+        y = f(x)
+        y.backward(grad)
+        results.append((y, x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert not results[1][1][..., ~mask].any()  # masked scores get no gradient
+
+
+def test_frozen_casts_are_kept_until_the_weight_changes():
+    weight = torch.randn(50, 8)
+    low = fast_ops.frozen_cast(weight, torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, weight.to(torch.bfloat16))
+    assert fast_ops.frozen_cast(weight, torch.bfloat16) is low  # the same copy at the next step
+    weight.add_(1.0)  # an in-place change (loading, merging) bumps the version: a new copy
+    again = fast_ops.frozen_cast(weight, torch.bfloat16)
+    assert again is not low and torch.equal(again, weight.to(torch.bfloat16))
+    trains = torch.randn(50, 8, requires_grad=True)
+    assert fast_ops.frozen_cast(trains, torch.bfloat16) is trains  # a trained weight is cast where it is used
+    assert fast_ops.frozen_cast(weight, torch.float32) is weight
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_masks_are_uniform_in_every_lane_of_a_random_word(p):
+    """Four elements share each 64-bit draw: each of the four 16-bit lanes keeps 1 - p (within 4 standard errors
+    of 250,000 draws), and neighbouring lanes are independent."""
+    torch.manual_seed(0)
+    keep = fast_ops.keep_mask(torch.Size([1000, 1000]), p, CPU).reshape(-1, 4).float()
+    limit = 4 * (p * (1 - p) / keep.shape[0]) ** 0.5
+    assert ((keep.mean(0) - (1 - p)).abs() < limit).all()
+    both = (keep[:, 0] * keep[:, 1]).mean()
+    assert abs(float(both) - (1 - p) ** 2) < 2 * limit

@@ -81,6 +81,7 @@ from qatune.bench.setups import (
 )
 from qatune.training.build import pick_device
 from qatune.training.parallel import Dist
+from qatune.utils.allocator import keep_freed_memory
 from qatune.utils.env import machine_info
 
 logger = logging.getLogger(__name__)
@@ -378,6 +379,7 @@ def child_main(requests: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     warm up what the first request describes, then one measured step per `step` request; `stop` answers the
     process's peak RSS."""
     spec = json.loads(requests.readline())
+    keep_freed_memory()  # as `qatune train` does, whatever the backend
     cfg = BenchConfig(**spec["config"])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -11,7 +11,7 @@ This file is the reference, and it computes logits and nothing else: the trainin
 only) is `evaluation.loss.next_token_loss`, fed `hidden_states` and `lm_head.weight`. `Decoder(cfg,
 fast_path=True)` marks the model for the fast path of `fast_ops.py` and, on CPU, swaps in its dropout and
 attention kernels, chosen once when the model is built (never by a branch on the device in `forward`), and
-skips the padding of training batches (`TokenLayout`); they change how, never what, is computed.
+skips the padding of training batches (`token_layout.TokenLayout`); they change how, never what, is computed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from qatune.models.config import ModelConfig
 
-from .fast_ops import explicit_attention, make_dropout, swiglu
+from .fast_ops import explicit_attention, make_dropout, rotate_rows, swiglu
+from .token_layout import TokenLayout
 
 
 class RMSNorm(nn.Module):
@@ -114,57 +115,6 @@ def attention_mask_4d(
     return mask | (k_pos == q_pos)[None, None]
 
 
-class TokenLayout:
-    """Where the real tokens of a right- or left-padded batch are (`keep`: their flat indices in `[B * T]`).
-
-    The fast path on CPU runs everything that works token by token (embedding, norms, linears, MLP) on those
-    rows only, `[n_real, d]`; attention puts them back into `[B, T, ...]` (`pad`: zero rows at the padding)
-    and takes them out again (`unpad`). Padding positions never reach a labelled position (the attention mask
-    hides them), so the real tokens' values are those of the padded computation; padding rows come out zero
-    instead of the reference's unused values. A batch with no padding gets no layout.
-
-    Training batches reach the model without their attention mask when they are right-padded and unpacked
-    (`data.batching.to_device`: the causal mask already hides padding), so the layout is also read from their
-    `position_ids` (`of_right_padding`): collation numbers each row's real tokens 0..n-1 and sets the padding
-    after them to 0."""
-
-    def __init__(self, keep: Tensor, batch: int, length: int):
-        self.keep, self.batch, self.length = keep, batch, length
-
-    @staticmethod
-    def of(attention_mask: Tensor | None) -> TokenLayout | None:
-        """The layout of a training/evaluation batch, or None when every position is real (or none is given)."""
-        if attention_mask is None:
-            return None
-        keep = attention_mask.reshape(-1).nonzero().squeeze(1)
-        if keep.numel() == attention_mask.numel():
-            return None
-        return TokenLayout(keep, *attention_mask.shape)
-
-    @staticmethod
-    def of_right_padding(position_ids: Tensor) -> TokenLayout | None:
-        """The layout of a right-padded batch as collation numbers it: each row's positions are 0..n-1 and then
-        0 for the padding. Any other numbering (an offset, restarts within a row) gets None: every position is
-        then computed, as if real."""
-        columns = torch.arange(position_ids.shape[1], device=position_ids.device)
-        real = position_ids == columns
-        lengths = real.sum(1, keepdim=True)
-        if lengths.min() < 1 or not torch.equal(real, columns < lengths) or bool(position_ids[~real].any()):
-            return None
-        if int(lengths.sum()) == position_ids.numel():
-            return None
-        return TokenLayout(real.reshape(-1).nonzero().squeeze(1), *position_ids.shape)
-
-    def unpad(self, x: Tensor) -> Tensor:
-        """`[B, T, ...]` -> the real tokens' rows `[n_real, ...]`."""
-        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.keep)
-
-    def pad(self, rows: Tensor) -> Tensor:
-        """`[n_real, ...]` -> `[B, T, ...]`, zeros at the padding positions."""
-        full = rows.new_zeros(self.batch * self.length, *rows.shape[1:])
-        return full.index_copy(0, self.keep, rows).view(self.batch, self.length, *rows.shape[1:])
-
-
 class Attention(nn.Module):
     """`cpu_kernels=True` (the fast path on CPU): `fast_ops`' dropout, and attention without a KV cache as
     `fast_ops.explicit_attention`; otherwise `nn.Dropout` and SDPA."""
@@ -187,11 +137,19 @@ class Attention(nn.Module):
         layer: int,
         layout: TokenLayout | None = None,
     ) -> Tensor:
-        cfg = self.cfg
         qkv = self.qkv(x)
-        if layout is not None:  # rotate the real tokens' rows, then put them back into [B, T, ...]
-            qkv = layout.pad(qkv if rope is None else self._rotate_rows(qkv, rope))
-            rope = None
+        if layout is None:
+            y = self._attend(qkv, rope, mask, kv_cache, layer)
+        else:  # real-token rows (the CPU fast path): rotate them, attend sequence group by sequence group
+            rows = qkv if rope is None else self._rotate_rows(qkv, rope)
+            mask = mask if layout.keeps_positions else None
+            y = layout.attend(rows, lambda grid: self._attend(grid, None, mask, None, layer))
+        return self.resid_dropout(self.o(y))
+
+    def _attend(self, qkv: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                kv_cache: KVCache | None, layer: int) -> Tensor:
+        """q, k, v `[B, T, q + 2 kv]` -> the attention's output `[B, T, q]` (before the output projection)."""
+        cfg = self.cfg
         b, t, _ = qkv.shape
         q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
         q = q.view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)
@@ -206,31 +164,19 @@ class Attention(nn.Module):
         dropout_p = cfg.attn_dropout if self.training else 0.0
         if self.explicit and kv_cache is None:  # grouped-query attention without repeating k and v
             y = explicit_attention(q, k, v, mask, dropout_p)
-            return self._output(y, layout)
-        if cfg.n_kv_head != cfg.n_head:  # grouped-query attention: each kv head serves n_head/n_kv_head queries
-            k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
-            v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
-        # Plain causal attention lets SDPA use its fused (flash) kernels; a cached single step sees everything.
-        # (Decided on `past`, a Python int: a comparison of shapes would be symbolic under torch.compile.)
-        is_causal = mask is None and past == 0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
-        return self._output(y, layout)
+        else:
+            if cfg.n_kv_head != cfg.n_head:  # grouped-query attention: each kv head serves n_head/n_kv_head queries
+                k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+                v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+            # Plain causal attention lets SDPA use its fused (flash) kernels; a cached single step sees everything.
+            # (Decided on `past`, a Python int: a comparison of shapes would be symbolic under torch.compile.)
+            is_causal = mask is None and past == 0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        return y.transpose(1, 2).reshape(b, t, cfg.q_size)
 
     def _rotate_rows(self, qkv: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """RoPE on the q and k of real-token rows `[n, q + 2 kv]` (`rope`: their cos/sin, `[n, 1, head_dim]`)."""
-        cfg, n = self.cfg, qkv.shape[0]
-        q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
-        q = apply_rope(q.view(n, cfg.n_head, cfg.head_dim), *rope).reshape(n, cfg.q_size)
-        k = apply_rope(k.view(n, cfg.n_kv_head, cfg.head_dim), *rope).reshape(n, cfg.kv_size)
-        return torch.cat((q, k, v), dim=-1)
-
-    def _output(self, y: Tensor, layout: TokenLayout | None) -> Tensor:
-        """Heads `[B, H, T, head_dim]` -> the output projection (of the real tokens only, with a layout)."""
-        b, _, t, _ = y.shape
-        y = y.transpose(1, 2).reshape(b, t, self.cfg.q_size)
-        if layout is not None:
-            y = layout.unpad(y)
-        return self.resid_dropout(self.o(y))
+        return rotate_rows(qkv, *rope, self.cfg.q_size + self.cfg.kv_size, self.cfg.head_dim)
 
 
 class MLP(nn.Module):
@@ -357,8 +303,8 @@ class Decoder(nn.Module):
         known from the attention mask, else from a right-padded batch's position ids."""
         if not self.cpu_kernels or kv_cache is not None or torch.compiler.is_compiling():
             return None
-        if attention_mask is not None:
-            return TokenLayout.of(attention_mask)
+        if attention_mask is not None:  # packed batches keep their positions: their mask separates documents
+            return TokenLayout.of(attention_mask, regroup=doc_ids is None)
         if position_ids is not None and doc_ids is None:
             return TokenLayout.of_right_padding(position_ids)
         return None
