@@ -73,7 +73,10 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     """Booleans, each True with probability 1 - p (independently), from 16 random bits per element: an element
     is dropped when its bits, read as a signed int16, fall in the lowest round(p * 2**16) of the 2**16 values.
     p is thereby rounded to a multiple of 2**-16 (0.1 -> 0.1000061), well below what any training notices;
-    drawing whole 64-bit words is what makes it fast (tests/test_fast_path.py checks the rate)."""
+    drawing whole 64-bit words is what makes it fast (tests/test_llama_speed.py checks the rate). Under
+    `torch.compile`: `torch.rand(shape) >= p`."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace `random_`; compiled code fuses `rand` anyway
+        return torch.rand(shape, device=device) >= p
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, 2**63 - 1)
     threshold = round(p * 2**_BITS) - 2 ** (_BITS - 1)
