@@ -18,6 +18,7 @@ computation; padding comes out as zero rows.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,12 +88,10 @@ class TokenLayout:
 
     def __init__(self, keep: Tensor, batch: int, length: int, regroup: bool):
         self.keep, self.batch, self.length = keep, batch, length
+        self.grid = AttentionGroup(None, keep, batch, length)  # the batch's own [B, T] layout
         self.keeps_positions = not regroup
         self.order: Tensor | None = None
-        if regroup:
-            self.groups = self._regrouped()
-        else:
-            self.groups = [AttentionGroup(None, keep, batch, length)]
+        self.groups = self._regrouped() if regroup else [self.grid]
 
     @staticmethod
     def of(attention_mask: Tensor | None, regroup: bool = True) -> TokenLayout | None:
@@ -121,9 +120,7 @@ class TokenLayout:
 
     def _regrouped(self) -> list[AttentionGroup]:
         lengths = torch.bincount(self.keep // self.length, minlength=self.batch).tolist()
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
+        starts = [0, *itertools.accumulate(lengths[:-1])]  # each sequence's first row among the real rows
         plan = [[i for i in members if lengths[i] > 0] for members in plan_groups(lengths)]
         plan = [members for members in plan if members]
         if len(plan) == 1:  # one group: the sequences in their own order, the rows as they are
@@ -143,12 +140,11 @@ class TokenLayout:
 
     def unpad(self, x: Tensor) -> Tensor:
         """`[B, T, ...]` -> the real tokens' rows `[n_real, ...]`."""
-        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.keep)
+        return self.grid.unpad(x)
 
     def pad(self, rows: Tensor) -> Tensor:
         """`[n_real, ...]` -> `[B, T, ...]`, zeros at the padding positions."""
-        full = rows.new_zeros(self.batch * self.length, *rows.shape[1:])
-        return full.index_copy(0, self.keep, rows).view(self.batch, self.length, *rows.shape[1:])
+        return self.grid.pad(rows)
 
     def attend(self, rows: Tensor, attention: Callable[[Tensor], Tensor]) -> Tensor:
         """`attention` (`[B, T, width] -> [B, T, out]`, causal, with the batch's mask when `keeps_positions`) run
